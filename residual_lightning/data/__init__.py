@@ -1,0 +1,1 @@
+"""Datasets: registry of loaders, class names and prompt templates, splits, activation cache, DataModule."""

@@ -1,0 +1,420 @@
+"""`ResidualDataModule`: dataset parts -> verified activation caches -> batches of `CachedBatch`.
+
+`prepare_data` (one process) builds whatever cache is missing and the text classifier; `setup`
+(every process) opens the caches and the PCA bases. Loaders read the memory-mapped caches in
+batches; the order of training batches is a function of (seed, epoch) only, and validation/test
+shards never repeat a sample across ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from residual_lightning.data.cache import ActivationCache, CacheError, CacheKey, open_or_none
+from residual_lightning.data.extract import ExtractionJob, build_cache
+from residual_lightning.data.registry import get_dataset_spec, load_split_datasets
+from residual_lightning.units import BackboneSpec
+
+PARTS = ("train", "val", "test")
+DEFAULT_CACHE_DIR = os.environ.get("RESIDUAL_LIGHTNING_CACHE", ".cache/residual-lightning")
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of indices: a permutation that depends only on (seed, epoch), sharded by rank.
+
+    Training shards have equal sizes on every rank (the remainder is dropped, as DDP needs);
+    evaluation shards (``shuffle=False, drop_last=False``) cover every sample exactly once.
+
+    Args:
+        n: number of samples.
+        batch_size: per-rank batch size.
+        shuffle: permute every epoch.
+        seed: base seed of the permutation.
+        rank: this rank.
+        world: number of ranks.
+        drop_last: drop the last incomplete batch.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world, self.drop_last = rank, world, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every epoch."""
+        self.epoch = epoch
+
+    def _indices(self) -> np.ndarray:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).numpy()
+        else:
+            order = np.arange(self.n)
+        if self.shuffle and self.world > 1:
+            per_rank = self.n // self.world
+            return order[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        idx = self._indices()
+        for start in range(0, len(idx), self.batch_size):
+            batch = idx[start : start + self.batch_size]
+            if self.drop_last and len(batch) < self.batch_size:
+                return
+            yield np.sort(batch).tolist() if not self.shuffle else batch.tolist()
+
+    def __len__(self) -> int:
+        m = len(self._indices())
+        return m // self.batch_size if self.drop_last else -(-m // self.batch_size)
+
+
+class CacheBatches(Dataset):
+    """Map-style dataset whose items are whole batches: ``dataset[list_of_indices] -> CachedBatch``."""
+
+    def __init__(self, cache: ActivationCache) -> None:
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, indices: list[int]):
+        order = np.argsort(indices)
+        batch = self.cache.batch(np.asarray(indices)[order])  # sorted reads are faster on a memmap
+        inverse = torch.from_numpy(np.argsort(order))
+        return type(batch)(
+            batch.heads[inverse], batch.mlps[inverse], batch.emb[inverse], batch.label[inverse]
+        )
+
+
+def _identity(x):
+    return x
+
+
+class ResidualDataModule(L.LightningDataModule):
+    """Cached unit contributions of a dataset's train/val/test parts.
+
+    Args:
+        backbone: the frozen backbone whose units are cached.
+        dataset: registry name (``digits``, ``cifar10``, ``imagefolder``, ``csv``, ...).
+        root: data root (not needed for ``digits``).
+        download: let torchvision download missing files where it can.
+        dataset_options: extra loader options (``class_names_file``, ``templates_file``,
+            ``on_bad_image``, csv columns, ...).
+        split_seed: seed of the stratified splits and few-shot draws.
+        fractions: override of the split fractions of method.md §3.
+        shots: keep this many training samples per class (few-shot); validation is unchanged.
+        reference: PCA reference set: ``train`` (the target's own train part, offline default)
+            or ``imagenet`` (a class-stratified subset of ImageNet train, as the authors).
+        reference_root: ImageNet root for ``reference: imagenet``.
+        reference_size: number of reference images (the authors: 80,000).
+        convention: decomposition convention (``default`` or ``equal_share``).
+        cache_dir: root folder of caches, bases and classifiers.
+        cache_dtype: storage dtype of the caches.
+        chunk_size: samples per resumable cache chunk.
+        on_mismatch: a cache failing its checks raises (``error``) or is rebuilt with a warning.
+        extract_batch_size: images per forward pass during extraction.
+        extract_device: device of the frozen backbone during extraction (``auto``: CUDA if present).
+        batch_size: global training batch (divided by the number of devices).
+        eval_batch_size: batch size of validation/test loaders.
+        num_workers: DataLoader workers.
+        pin_memory: pin batches (for GPU training).
+        seed: seed of the training batch order (a function of seed and epoch).
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneSpec | None = None,
+        dataset: str = "digits",
+        root: str | None = None,
+        download: bool = False,
+        dataset_options: dict[str, Any] | None = None,
+        split_seed: int = 42,
+        fractions: list[float] | None = None,
+        shots: int | None = None,
+        reference: Literal["train", "imagenet"] = "train",
+        reference_root: str | None = None,
+        reference_size: int = 80_000,
+        convention: Literal["default", "equal_share"] = "default",
+        cache_dir: str = DEFAULT_CACHE_DIR,
+        cache_dtype: Literal["float16", "float32"] = "float16",
+        chunk_size: int = 1024,
+        on_mismatch: Literal["error", "rebuild"] = "error",
+        extract_batch_size: int = 64,
+        extract_device: str = "auto",
+        batch_size: int = 64,
+        eval_batch_size: int = 1024,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone or BackboneSpec()
+        self.spec = get_dataset_spec(dataset)
+        self.dataset = self.spec.name
+        self.root = root
+        self.download = download
+        self.dataset_options = dict(dataset_options or {})
+        self.split_seed, self.fractions, self.shots = split_seed, fractions, shots
+        self.reference, self.reference_root, self.reference_size = reference, reference_root, reference_size
+        if reference == "imagenet" and reference_root is None:
+            raise ValueError("reference: imagenet needs reference_root (an ImageFolder root with train/)")
+        self.convention = convention
+        self.cache_dir = Path(cache_dir)
+        self.cache_dtype, self.chunk_size, self.on_mismatch = cache_dtype, chunk_size, on_mismatch
+        self.extract_batch_size, self.extract_device = extract_batch_size, extract_device
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
+        self.caches: dict[str, ActivationCache] = {}
+        self._class_names: list[str] | None = list(self.spec.class_names) if self.spec.class_names else None
+        self._templates: list[str] = list(self.spec.templates)
+
+    # ---------------------------------------------------------------- what the model must know
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names (for folder/csv datasets known once the data is read)."""
+        if self._class_names is None:
+            self._load_parts(transform=None)
+        return list(self._class_names or [])
+
+    @property
+    def templates(self) -> list[str]:
+        """Prompt templates."""
+        if "templates_file" in self.dataset_options and self._class_names is None:
+            self._load_parts(transform=None)
+        return list(self._templates)
+
+    @property
+    def num_classes(self) -> int:
+        """C."""
+        return len(self.class_names)
+
+    def _selection(self, part: str) -> str:
+        return json.dumps(
+            {
+                "part": part,
+                "seed": self.split_seed,
+                "fractions": self.fractions,
+                "shots": self.shots if part == "train" else None,
+                "reference_size": self.reference_size if part == "reference" else None,
+                "options": self.dataset_options,
+            },
+            sort_keys=True,
+        )
+
+    def key(self, part: str, preprocessing: str) -> CacheKey:
+        """The cache key of a part (``train``, ``val``, ``test`` or ``reference``)."""
+        dataset = "imagenet" if part == "reference" else self.dataset
+        return CacheKey(
+            model_name=self.backbone.model_name,
+            weights_id=self.backbone.weights_id,
+            dataset=dataset,
+            part=part,
+            selection=self._selection(part),
+            preprocessing=preprocessing,
+            convention=self.convention,
+            dtype=self.cache_dtype,
+        )
+
+    def parts(self) -> list[str]:
+        """Parts that get a cache (``reference`` only with an ImageNet reference)."""
+        return [*PARTS, "reference"] if self.reference == "imagenet" else list(PARTS)
+
+    # ---------------------------------------------------------------- building
+
+    def _load_parts(self, transform) -> dict[str, Dataset]:
+        opts = dict(self.dataset_options)
+        image_size = opts.pop("image_size", 224)
+        parts = load_split_datasets(
+            self.dataset,
+            self.root,
+            transform,
+            seed=self.split_seed,
+            fractions=self.fractions,
+            shots=self.shots,
+            download=self.download,
+            image_size=image_size,
+            **opts,
+        )
+        self._class_names = list(parts["train"].class_names)
+        self._templates = list(parts["train"].templates)
+        if self.reference == "imagenet":
+            ref = load_split_datasets("imagenet", self.reference_root, transform, seed=self.split_seed)[
+                "train"
+            ]
+            parts["reference"] = _stratified_subset(ref, self.reference_size, self.split_seed)
+        return parts
+
+    def preprocessing(self) -> str:
+        """What determines the images fed to the backbone besides its name and weights.
+
+        Images go through open_clip's own eval transform of the backbone (no augmentation, so the
+        cached contributions are exact for training), so the open_clip version pins it.
+        """
+        import open_clip
+
+        return f"open_clip-eval-{open_clip.__version__}"
+
+    def cache_paths(self) -> dict[str, Path]:
+        """Folder of each part's cache."""
+        pre = self.preprocessing()
+        return {p: self.cache_dir / self.key(p, pre).folder_name() for p in self.parts()}
+
+    def jobs(self, backbone) -> list[ExtractionJob]:
+        """Extraction jobs of every part (for `build_cache` and the `extract` command)."""
+        datasets = self._load_parts(backbone.transform)
+        pre = self.preprocessing()
+        return [ExtractionJob(datasets[p], self.key(p, pre), path) for p, path in self.cache_paths().items()]
+
+    def _device(self) -> torch.device:
+        if self.extract_device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.extract_device)
+
+    def missing(self) -> list[str]:
+        """Parts whose cache is not complete and valid."""
+        pre = self.preprocessing()
+        return [
+            p
+            for p, path in self.cache_paths().items()
+            if open_or_none(path, self.key(p, pre), self.on_mismatch, verify=False) is None
+        ]
+
+    def prepare_data(self) -> None:
+        """Build missing caches and the text classifier (one process). Nothing to do when all exist."""
+        from residual_lightning.classifier import load_or_build_classifier
+
+        missing = self.missing()
+        if not missing and self._classifier_path_exists():
+            return
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if missing and world > 1:
+            raise CacheError(
+                f"caches {missing} are missing; with several devices build them first: "
+                "residual-lightning extract --config <the same config> (it shards extraction across devices)"
+            )
+        backbone = self.backbone.load(self._device())
+        for job in self.jobs(backbone):
+            build_cache(
+                backbone.model,
+                job,
+                batch_size=self.extract_batch_size,
+                chunk_size=self.chunk_size,
+                num_workers=self.num_workers,
+                on_mismatch=self.on_mismatch,
+            )
+        load_or_build_classifier(backbone, self.class_names, self.templates, self.cache_dir)
+
+    def _classifier_path_exists(self) -> bool:
+        from residual_lightning.classifier import classifier_key
+
+        key = classifier_key(
+            self.backbone.weights_id, self.backbone.model_name, self.class_names, self.templates
+        )
+        return (self.cache_dir / f"classifier-{key}.safetensors").exists()
+
+    # ---------------------------------------------------------------- reading
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the (already built) caches of every part; verified on open."""
+        if self.caches:
+            return
+        pre = self.preprocessing()
+        for part, path in self.cache_paths().items():
+            if not (path / "meta.json").exists():
+                raise CacheError(
+                    f"no {part} cache at {path}: run prepare_data or `residual-lightning extract` first"
+                )
+            self.caches[part] = ActivationCache.open(path, self.key(part, pre))
+        if self._class_names is None:
+            self._class_names = self.caches["train"].meta.get("class_names") or None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            if self.trainer._accelerator_connector.use_distributed_sampler:
+                raise ValueError(
+                    "ResidualDataModule shards its own batches: set trainer.use_distributed_sampler: false "
+                    "(the residual-lightning CLI does this by default)"
+                )
+
+    @property
+    def head_maps(self) -> torch.Tensor:
+        """(L, H, D, k) fixed head maps of the caches."""
+        return self.caches["train"].head_maps
+
+    def classifier(self) -> tuple[torch.Tensor, float]:
+        """(C, D) text classifier and logit scale (built in prepare_data)."""
+        from residual_lightning.classifier import load_or_build_classifier
+
+        return load_or_build_classifier(self.backbone, self.class_names, self.templates, self.cache_dir)
+
+    def reference_cache(self) -> ActivationCache:
+        """The cache PCA bases are fitted on."""
+        return self.caches["reference" if self.reference == "imagenet" else "train"]
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _loader(self, part: str, train: bool) -> DataLoader:
+        cache = self.caches[part]
+        rank, world = self._rank_world()
+        if train:
+            per_device = max(1, self.batch_size // world)
+            sampler = EpochBatchSampler(len(cache), per_device, True, self.seed, rank, world, drop_last=False)
+        else:
+            sampler = EpochBatchSampler(len(cache), self.eval_batch_size, False, 0, rank, world)
+        return DataLoader(
+            CacheBatches(cache),
+            sampler=sampler,
+            batch_size=None,
+            collate_fn=_identity,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled batches of the train cache (order = f(seed, epoch))."""
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches (each sample once across ranks)."""
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches (each sample once across ranks)."""
+        return self._loader("test", train=False)
+
+
+def _stratified_subset(dataset, size: int, seed: int):
+    """A class-stratified, seeded subset of `size` samples (all of them if smaller)."""
+    from torch.utils.data import Subset
+
+    from residual_lightning.data.splits import stratified_split
+
+    targets = np.asarray(dataset.targets)
+    if size >= len(targets):
+        return dataset
+    keep, _ = stratified_split(targets, [size / len(targets), 1 - size / len(targets)], seed=seed)
+    sub = Subset(dataset, keep)
+    sub.targets = targets[keep]
+    sub.class_names = getattr(dataset, "class_names", None)
+    return sub

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random-weight open_clip models, built offline from configs."""
+
+from __future__ import annotations
+
+import os
+
+# huggingface_hub reads these when it is imported: set them before open_clip pulls it in, so a
+# stray download fails at once instead of retrying against an unreachable hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import open_clip  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from residual_lightning.units import register_model_configs  # noqa: E402
+
+TINY = "RL-Tiny-ViT-64"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """Make any stray download fail loudly instead of hanging or succeeding by accident."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def randomise_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Randomise biases, LayerNorm affines and LayerScales, which open_clip initialises to 0/1.
+
+    With identity LayerNorms and zero biases a mistake in folding the constant terms would be
+    invisible; every test of exactness runs on a model randomised by this first.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("bias", "in_proj_bias") or name.endswith(("ln_pre.weight", "ln_post.weight")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if leaf == "weight" else 0.0))
+            elif leaf == "weight" and p.ndim == 1:  # LayerNorm gammas inside blocks
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g))
+            elif leaf == "gamma":  # LayerScale
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    return model
+
+
+def build_clip(seed: int = 0, embed_dim: int = 48, **vision) -> open_clip.CLIP:
+    """A tiny CLIP with the given vision options, randomised and in eval mode."""
+    torch.manual_seed(seed)
+    cfg = dict(image_size=32, patch_size=8, width=64, layers=3, head_width=16)
+    cfg.update(vision)
+    text = dict(context_length=16, vocab_size=64, width=32, heads=2, layers=1)
+    model = open_clip.CLIP(embed_dim=embed_dim, vision_cfg=cfg, text_cfg=text)
+    return randomise_(model, seed).eval()
+
+
+@pytest.fixture
+def tiny_clip():
+    """The shipped tiny config, random weights, randomised constants."""
+    register_model_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY, pretrained=None)
+    return randomise_(model).eval()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip gpu tests with a visible reason when no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none present)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
