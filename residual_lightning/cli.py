@@ -1,67 +1,140 @@
-"""The `residual-lightning` console script.
+"""The `residual-lightning` console script: a LightningCLI over `ResidualModel` + `ResidualDataModule`.
 
-Subcommands: ``demo`` (offline check of the exact decomposition on a random-weight tiny ViT and
-the bundled digits images). The training subcommands arrive with the training CLI.
+Subcommands: ``fit``, ``validate``, ``test``, ``predict`` (Lightning's), ``extract`` (build the
+activation caches, sharded across devices), and ``analyze`` (the analysis toolkit, its own
+jsonargparse CLI). Values fixed by the data or backbone (class names, unit shapes, backbone,
+convention) are linked from the data module into the model, never typed twice.
+
+    residual-lightning fit --config configs/quickstart.yaml
+    residual-lightning fit --config configs/backbones/openclip-vit-b-16.yaml \\
+        --config configs/datasets/cifar10.yaml --config configs/methods/residual.yaml
 """
 
 from __future__ import annotations
 
 import sys
-import time
+from pathlib import Path
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from residual_lightning.data.datamodule import ResidualDataModule
+from residual_lightning.model import ResidualModel
 
 
-def decomposition_demo(model_name: str = "RL-Tiny-ViT-64", n: int = 64) -> list[dict]:
-    """Decompose `n` digits images with a random-weight model and report exactness and timing.
+class ResidualTrainer(Trainer):
+    """Lightning's Trainer plus `extract`, so that cache building uses the same strategies (DDP)."""
 
-    Args:
-        model_name: an open_clip architecture or a shipped tiny config.
-        n: number of images.
+    def extract(self, model: ResidualModel | None = None, datamodule: ResidualDataModule | None = None) -> None:
+        """Build the activation caches and the text classifier of a data config, sharded across devices.
 
-    Returns:
-        One row per convention: relative error of the unit sum, units, and the time ratio
-        against `encode_image`.
-    """
-    import torch
+        Args:
+            model: unused (LightningCLI passes it).
+            datamodule: the data module whose caches to build.
+        """
+        from residual_lightning.data.extract import Extractor
 
-    from residual_lightning.data.registry import load_dataset
-    from residual_lightning.units import decompose, load_backbone, unit_layout
+        if datamodule is None:
+            raise ValueError("extract needs a data module (--data ...)")
+        backbone = datamodule.backbone.load()
+        extractor = Extractor(
+            backbone.model, datamodule.jobs(backbone), batch_size=datamodule.extract_batch_size,
+            chunk_size=datamodule.chunk_size, num_workers=datamodule.num_workers,
+        )
+        self.predict(extractor, return_predictions=False)
+        if self.is_global_zero:
+            datamodule.classifier()
+            print(f"caches ready under {datamodule.cache_dir}: {', '.join(map(str, datamodule.cache_paths().values()))}")
 
-    bb = load_backbone(model_name)
-    data = load_dataset("digits", root=None, split="all", transform=bb.transform, image_size=64)
-    images = torch.stack([data[i][0] for i in range(n)])
-    rows = []
-    with torch.inference_mode():
-        bb.model.encode_image(images[:2])  # warm-up, so the first timed call is not penalised
-        t = time.perf_counter()
-        ref = bb.model.encode_image(images)
-        t_enc = time.perf_counter() - t
-        for convention in ("default", "equal_share"):
-            t = time.perf_counter()
-            out = decompose(bb.model, images, convention=convention)
-            t_dec = time.perf_counter() - t
-            err = ((out.contributions.sum(1) - ref).norm() / ref.norm()).item()
-            rows.append(
-                {
-                    "convention": convention,
-                    "units": unit_layout(bb.model).num_units,
-                    "rel_error": err,
-                    "time_ratio": t_dec / t_enc,
-                }
-            )
-    return rows
+
+class ResidualCLI(LightningCLI):
+    """LightningCLI with the project's links, defaults and the `extract` subcommand."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands plus `extract`."""
+        return {**LightningCLI.subcommands(), "extract": {"model", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        """Links from the data module into the model, early stopping and checkpoint defaults."""
+        parser.link_arguments("data.backbone", "model.backbone")
+        parser.link_arguments("data.convention", "model.convention")
+        parser.link_arguments("data", "model.class_names", compute_fn=lambda dm: dm.class_names, apply_on="instantiate")
+        parser.link_arguments("data", "model.shape", compute_fn=lambda dm: dm.shape, apply_on="instantiate")
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "early_stopping.monitor": "val/accuracy",
+                "early_stopping.mode": "max",
+                "early_stopping.patience": 5,
+                "checkpoint.monitor": "val/accuracy",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch:02d}-acc{val/accuracy:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+                "trainer.max_epochs": 30,
+                "trainer.use_distributed_sampler": False,
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "residual"},
+                },
+                "trainer.callbacks": [{"class_path": "residual_lightning.callbacks.ResidualPlots"}],
+            }
+        )
+
+    def before_fit(self) -> None:
+        """Run the LR finder when ``model.lr: auto``."""
+        if self.model.lr == "auto":
+            from residual_lightning.callbacks import find_lr
+
+            find_lr(self.trainer, self.model, self.datamodule)
+
+    def after_fit(self) -> None:
+        """Test the best checkpoint and print a summary table."""
+        if self.trainer.interrupted:
+            return
+        ckpt = self.trainer.checkpoint_callback
+        best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+        results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+        if self.trainer.is_global_zero:
+            print_summary(self.model, results[0] if results else {}, best, self.trainer)
+
+
+def print_summary(model: ResidualModel, metrics: dict, best: str | None, trainer: Trainer) -> None:
+    """Zero-shot vs adapted test accuracy, learned parameters, where logs and checkpoints are."""
+    logdir = getattr(trainer.logger, "log_dir", None) if trainer.logger else None
+    zs, acc = metrics.get("test/zeroshot_accuracy"), metrics.get("test/accuracy")
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "n/a"  # noqa: E731
+    rows = [
+        ("method", model.method),
+        ("zero-shot test accuracy", fmt(zs)),
+        (f"{model.method} test accuracy", fmt(acc)),
+        ("gain (points)", f"{100 * (acc - zs):+.1f}" if isinstance(acc, float) and isinstance(zs, float) else "n/a"),
+        ("learned parameters", f"{model.num_learned():,}"),
+        ("TensorBoard logs", f"{logdir}  (tensorboard --logdir {Path(logdir).parent if logdir else 'runs'})"),
+        ("best checkpoint", best or "none"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"| {k.ljust(width)} | {v} |" for k, v in rows) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `residual-lightning` console script."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["demo"]:
-        rows = decomposition_demo()
-        print("| convention | units | sum vs encode_image (rel. error) | time / encode_image |")
-        print("|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['convention']} | {r['units']} | {r['rel_error']:.2e} | {r['time_ratio']:.2f} |")
+    if argv[:1] == ["analyze"]:
+        from residual_lightning.analysis.cli import main as analyze
+
+        analyze(argv[1:])
         return
-    sys.exit(f"residual-lightning: unknown command {' '.join(argv[:1]) or '(none)'}; available: demo")
+    ResidualCLI(
+        ResidualModel,
+        ResidualDataModule,
+        trainer_class=ResidualTrainer,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+    )
 
 
 if __name__ == "__main__":

@@ -165,6 +165,34 @@ def unit_layout(model: nn.Module) -> UnitLayout:
     )
 
 
+def layout_from_config(model_name: str, convention: Convention = "default") -> tuple[int, int, int, int]:
+    """``(L, H, k, D)`` of an open_clip ViT from its config alone (no weights are built).
+
+    k is the compact head width: d, or d + 3 under ``equal_share``.
+
+    Raises:
+        ValueError: unknown model, or a config that is not a ViT.
+    """
+    import open_clip
+
+    register_model_configs()
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        close = difflib.get_close_matches(model_name, open_clip.list_models(), n=5, cutoff=0.5)
+        raise ValueError(
+            f"unknown open_clip model {model_name!r}"
+            + (f"; did you mean {', '.join(close)}?" if close else "")
+        )
+    vision = cfg.get("vision_cfg", {})
+    layers = vision.get("layers")
+    if not isinstance(layers, int) or "timm_model_name" in vision and vision["timm_model_name"]:
+        raise UnsupportedModelError(f"{model_name} does not have an open_clip ViT vision tower")
+    width = vision.get("width", 768)
+    head_width = vision.get("head_width", 64)
+    d = head_width + (EQUAL_SHARE_EXTRA if convention == "equal_share" else 0)
+    return layers, width // head_width, d, cfg["embed_dim"]
+
+
 def unit_names(model: nn.Module) -> list[str]:
     """The U = 1 + L + L*H unit names, in the authors' order.
 

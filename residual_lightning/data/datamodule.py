@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from residual_lightning.data.cache import ActivationCache, CacheError, CacheKey, open_or_none
 from residual_lightning.data.extract import ExtractionJob, build_cache
 from residual_lightning.data.registry import get_dataset_spec, load_split_datasets
-from residual_lightning.units import BackboneSpec
+from residual_lightning.spectral import UnitBases, fit_unit_bases
+from residual_lightning.units import BackboneSpec, layout_from_config
 
 PARTS = ("train", "val", "test")
 DEFAULT_CACHE_DIR = os.environ.get("RESIDUAL_LIGHTNING_CACHE", ".cache/residual-lightning")
@@ -203,6 +204,11 @@ class ResidualDataModule(L.LightningDataModule):
         return list(self._templates)
 
     @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(L, H, k, D)`` of the cached units, from the backbone's config (no weights needed)."""
+        return layout_from_config(self.backbone.model_name, self.convention)
+
+    @property
     def num_classes(self) -> int:
         """C."""
         return len(self.class_names)
@@ -363,6 +369,31 @@ class ResidualDataModule(L.LightningDataModule):
         from residual_lightning.classifier import load_or_build_classifier
 
         return load_or_build_classifier(self.backbone, self.class_names, self.templates, self.cache_dir)
+
+    def bases(self) -> UnitBases:
+        """PCA bases of every unit on the reference set, fitted once into a keyed file.
+
+        With several ranks each fits its share of the batches and the moments are summed
+        across ranks, so the result equals a single-process fit.
+        """
+        ref_key = self.key("reference" if self.reference == "imagenet" else "train", self.preprocessing())
+        path = self.cache_dir / f"bases-{ref_key.digest()}.safetensors"
+        if path.exists():
+            return UnitBases.load(path)
+        ref = self.reference_cache()
+        rank, world = self._rank_world()
+        shard = (b for i, b in enumerate(ref.iter_batches(2048)) if i % world == rank)
+        bases = fit_unit_bases(
+            shard,
+            ref.head_maps,
+            convention=self.convention,
+            metadata={"reference": self.reference, "dataset": ref_key.dataset, "samples": len(ref)},
+        )
+        if rank == 0:
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            bases.save(tmp)
+            tmp.replace(path)
+        return bases
 
     def reference_cache(self) -> ActivationCache:
         """The cache PCA bases are fitted on."""

@@ -1,0 +1,395 @@
+"""`ResidualModel`: the LightningModule (frozen tensors + trainable adapter + metrics).
+
+Training and evaluation run on cached contributions (`CachedBatch`): the frozen backbone is not
+run. It is built lazily from its spec only for `predict` on raw images and for `finetune`, and is
+never part of the state_dict (checkpoints hold the spec and the adapter). The frozen tensors (head
+maps, text classifier, logit scale, the adapter's PCA bases) are buffers, so a checkpoint is
+self-contained; `ResidualCLIP` rebuilds backbone + adapter for inference without Lightning.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from residual_lightning.adapters import METHODS, Adapter, build_adapter
+from residual_lightning.data.batch import CachedBatch, embedding
+from residual_lightning.spectral import PCABasis, UnitBases
+from residual_lightning.units import EQUAL_SHARE_EXTRA, BackboneSpec, decompose_compact
+
+log = logging.getLogger(__name__)
+
+Method = Literal["residual", "residual_star", "coarse", "linear", "spectral", "zeroshot", "finetune"]
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    """Schedule-free AdamW, weight decay 0, no warm-up (the authors' recipe; lr set by the model)."""
+    import schedulefree
+
+    return schedulefree.AdamWScheduleFree(params, lr=1e-3, weight_decay=0.0, warmup_steps=0)
+
+
+def placeholder_bases(layers: int, heads: int, k: int, dim: int, head_components: int) -> UnitBases:
+    """Zero bases of the right shapes, to build an adapter whose buffers a checkpoint then fills."""
+
+    def basis(*units: int, comps: int) -> PCABasis:
+        return PCABasis(
+            mean=torch.zeros(*units, dim),
+            components=torch.zeros(*units, comps, dim),
+            explained_variance=torch.zeros(*units, comps),
+            explained_variance_ratio=torch.zeros(*units, comps),
+            mask=torch.ones(*units, comps, dtype=torch.bool),
+        )
+
+    return UnitBases(
+        heads=basis(layers, heads, comps=head_components),
+        mlps=basis(layers, comps=dim),
+        emb=basis(comps=dim),
+        head_coord_mean=torch.zeros(layers, heads, k),
+        n_samples=2,
+        output=basis(comps=dim),
+    )
+
+
+class ResidualModel(L.LightningModule):
+    """Aligns a frozen CLIP ViT to a classifier with a small adapter on its residual units.
+
+    Args:
+        method: ``residual``, ``residual_star``, ``coarse``, ``linear``, ``spectral``,
+            ``zeroshot`` or ``finetune`` (the whole vision tower on images, the upper bound).
+        adapter: options of the method's adapter overriding its preset (e.g. ``{"init": "ones"}``,
+            ``{"components": {"heads": 0.9}}``, ``{"transform": "heads", "others": "zero"}``).
+        lr: learning rate, or ``"auto"`` to run Lightning's LR finder before fitting.
+        optimizer: optimizer factory (default: schedule-free AdamW, weight decay 0). Its lr is
+            replaced by `lr`.
+        logit_mode: ``scaled_cosine`` (normalised embedding times the model's logit scale) or
+            ``raw`` (the paper-era code: un-normalised embedding, no scale).
+        classifier: ``text`` (zero-shot text classifier) or ``prototypes`` (class means of the train
+            embeddings, for backbones without a text tower).
+        backbone: the frozen backbone (linked from the data module by the CLI).
+        class_names: class names (linked from the data module).
+        shape: ``(L, H, k, D)`` of the cached units (linked from the data module).
+        convention: decomposition convention of the caches (linked from the data module).
+    """
+
+    def __init__(
+        self,
+        method: Method = "residual",
+        adapter: dict[str, Any] | None = None,
+        lr: float | Literal["auto"] = 0.8,
+        optimizer: OptimizerCallable = default_optimizer,
+        logit_mode: Literal["scaled_cosine", "raw"] = "scaled_cosine",
+        classifier: Literal["text", "prototypes"] = "text",
+        backbone: BackboneSpec | None = None,
+        class_names: list[str] | None = None,
+        shape: tuple[int, int, int, int] | None = None,
+        convention: Literal["default", "equal_share"] = "default",
+    ) -> None:
+        super().__init__()
+        if method not in (*METHODS, "finetune"):
+            raise ValueError(f"unknown method {method!r}; valid: {', '.join((*METHODS, 'finetune'))}")
+        if not class_names:
+            raise ValueError("class_names is empty: link them from the data module (the CLI does)")
+        if shape is None:
+            raise ValueError("shape (L, H, k, D) is missing: link it from the data module (the CLI does)")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.method, self.adapter_options = method, dict(adapter or {})
+        self.lr = lr
+        self.optimizer_factory = optimizer
+        self.logit_mode, self.classifier_kind = logit_mode, classifier
+        self.backbone_spec = backbone or BackboneSpec()
+        self.class_names = list(class_names)
+        layers, heads, k, dim = shape
+        num_classes = len(class_names)
+        self.register_buffer("head_maps", torch.zeros(layers, heads, dim, k))  # (L, H, D, k)
+        self.register_buffer("classifier", torch.zeros(num_classes, dim))  # (C, D)
+        self.register_buffer("logit_scale", torch.tensor(100.0))
+        self.register_buffer("ready", torch.tensor(False))  # frozen tensors filled in
+        self.adapter: Adapter | None = None
+        self._backbone: nn.Module | None = None  # not a submodule: kept out of the state_dict
+        self.finetuned: nn.Module | None = None  # the trainable tower of `finetune`
+        self._make_metrics(num_classes)
+
+    # ------------------------------------------------------------------ construction
+
+    def _make_metrics(self, num_classes: int) -> None:
+        top5 = min(5, num_classes)
+
+        def acc(k: int = 1, average: str = "micro") -> torchmetrics.Metric:
+            return torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=k, average=average)
+
+        # Keys get a "_" suffix: ModuleDict keys may not shadow nn.Module attributes like `train`.
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_": nn.ModuleDict(
+                    {"accuracy": acc(), "top5": acc(top5), "zeroshot_accuracy": acc(), "loss": torchmetrics.MeanMetric()}
+                )
+                for stage in ("train", "val", "test")
+            }
+        )
+        self.test_per_class = acc(average="none")
+        self.test_confusion = torchmetrics.classification.MulticlassConfusionMatrix(
+            num_classes, normalize="true"
+        )
+
+    def _build_adapter(self, bases: UnitBases | None) -> None:
+        if self.method == "finetune":
+            return
+        layers, heads, k, dim = self.hparams.shape
+        if bases is None:
+            d = k - EQUAL_SHARE_EXTRA if self.hparams.convention == "equal_share" else k
+            bases = placeholder_bases(layers, heads, k, dim, d)
+        self.adapter = build_adapter(self.method, bases, self.head_maps, **self.adapter_options).to(
+            self.device
+        )
+
+    def setup(self, stage: str) -> None:
+        """Fill the frozen tensors from the data module and build the adapter (unless restored)."""
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if bool(self.ready) or dm is None:
+            if self.adapter is None:
+                self._build_adapter(None)
+            return
+        if self.method == "finetune":
+            self._setup_finetune(dm)
+            return
+        self.head_maps.copy_(dm.head_maps)
+        if self.classifier_kind == "text":
+            weights, scale = dm.classifier()
+        else:
+            weights, scale = self._prototypes(dm), 100.0
+        self.classifier.copy_(weights)
+        self.logit_scale.fill_(scale)
+        bases = dm.bases() if self.method in ("residual", "residual_star", "spectral") else None
+        self._build_adapter(bases)
+        self.ready.fill_(True)
+        log.info("%s: %d learned parameters", self.method, self.num_learned())
+
+    def _prototypes(self, dm) -> Tensor:
+        from residual_lightning.classifier import prototypes
+
+        embs, labels = [], []
+        for batch in dm.caches["train"].iter_batches():
+            embs.append(embedding(batch, self.head_maps.cpu()))
+            labels.append(batch.label)
+        return prototypes(torch.cat(embs), torch.cat(labels), len(self.class_names))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Create the adapter with the right shapes before Lightning loads its state."""
+        if self.adapter is None and self.method != "finetune":
+            self._build_adapter(None)
+
+    def num_learned(self) -> int:
+        """Learned scalars: the adapter's, or every trainable backbone parameter for finetune."""
+        if self.method == "finetune":
+            return sum(p.numel() for p in (self.finetuned or nn.Module()).parameters() if p.requires_grad)
+        return self.adapter.num_learned() if self.adapter is not None else 0
+
+    # ------------------------------------------------------------------ forward
+
+    def logits_from_embedding(self, z: Tensor) -> Tensor:
+        """(N, C) logits of (N, D) embeddings with the frozen classifier."""
+        if self.logit_mode == "raw":
+            return z @ self.classifier.T
+        return self.logit_scale * F.normalize(z, dim=-1) @ self.classifier.T
+
+    def forward(self, batch: CachedBatch) -> Tensor:
+        """(N, C) logits of a cached batch."""
+        return self.logits_from_embedding(self.adapter(batch))
+
+    def _step(self, batch, stage: str) -> Tensor:
+        if self.method == "finetune":
+            images, labels = batch
+            logits = self.logits_from_embedding(self.finetuned(images).float())
+            zs_logits = logits.detach()
+        else:
+            batch = batch.float()
+            labels = batch.label
+            logits = self(batch)
+            with torch.no_grad():
+                zs_logits = self.logits_from_embedding(embedding(batch, self.head_maps))
+        loss = F.cross_entropy(logits, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{stage} loss is {loss.item()} at batch {self.trainer.global_step if self.trainer else '?'}: "
+                "lower the learning rate or check the cache for NaN/Inf"
+            )
+        m = self.metrics[f"{stage}_"]
+        m["accuracy"].update(logits, labels)
+        m["top5"].update(logits, labels)
+        m["zeroshot_accuracy"].update(zs_logits, labels)
+        m["loss"].update(loss.detach(), weight=labels.shape[0])
+        if stage == "test":
+            self.test_per_class.update(logits, labels)
+            self.test_confusion.update(logits, labels)
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        """Cross-entropy on a batch; metrics logged per epoch."""
+        loss = self._step(batch, "train")
+        self.log("train/loss_step", loss, prog_bar=True, batch_size=self._batch_size(batch))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """Metrics of the adapter and of zero-shot on the validation part."""
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        """Metrics of the adapter and of zero-shot on the test part, per class too."""
+        self._step(batch, "test")
+
+    @staticmethod
+    def _batch_size(batch) -> int:
+        return len(batch) if isinstance(batch, CachedBatch) else batch[1].shape[0]
+
+    def _log_stage(self, stage: str) -> None:
+        m = self.metrics[f"{stage}_"]
+        if m["loss"].update_count == 0:
+            return
+        values = {f"{stage}/{name}": metric.compute() for name, metric in m.items()}
+        self.log_dict(values, prog_bar=stage == "val", sync_dist=False)
+        for metric in m.values():
+            metric.reset()
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch's training metrics; schedule-free back to eval (averaged weights)."""
+        self._log_stage("train")
+        self._optimizer_mode("eval")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log validation metrics."""
+        self._log_stage("val")
+
+    def on_test_epoch_end(self) -> None:
+        """Log test metrics, per-class accuracy and keep the confusion matrix for plotting."""
+        self._log_stage("test")
+        per_class = self.test_per_class.compute()
+        for name, value in zip(self.class_names, per_class):
+            self.log(f"test/class_accuracy/{name}", value)
+        self.confusion_matrix = self.test_confusion.compute().cpu()
+        self.test_per_class.reset()
+        self.test_confusion.reset()
+
+    # ------------------------------------------------------------------ schedule-free modes
+
+    def _optimizer_mode(self, mode: Literal["train", "eval"]) -> None:
+        """Switch every schedule-free optimizer (those with .train()/.eval()) to `mode`."""
+        if self._trainer is None:
+            return
+        for opt in self.trainer.optimizers:
+            fn = getattr(opt, mode, None)
+            if callable(fn) and "train_mode" in opt.param_groups[0]:
+                if opt.param_groups[0]["train_mode"] != (mode == "train"):
+                    fn()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Schedule-free in train mode for every step (also inside the LR finder)."""
+        self._optimizer_mode("train")
+
+    def on_validation_epoch_start(self) -> None:
+        """Evaluate the averaged weights."""
+        self._optimizer_mode("eval")
+
+    def on_test_epoch_start(self) -> None:
+        """Evaluate the averaged weights."""
+        self._optimizer_mode("eval")
+
+    def on_predict_epoch_start(self) -> None:
+        """Predict with the averaged weights."""
+        self._optimizer_mode("eval")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints hold the averaged (eval-mode) weights."""
+        self._optimizer_mode("eval")
+
+    def configure_optimizers(self):
+        """The injected optimizer over the trainable parameters, with lr = `self.lr`."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(
+                f"method {self.method!r} has nothing to train; use `validate`/`test` for zero-shot"
+            )
+        if self.lr == "auto":
+            raise ValueError(
+                "lr is 'auto' but the LR finder did not run: use the residual-lightning CLI or set lr"
+            )
+        opt = self.optimizer_factory(params)
+        for group in opt.param_groups:
+            group["lr"] = float(self.lr)
+        return opt
+
+    # ------------------------------------------------------------------ finetune and predict
+
+    def _setup_finetune(self, dm) -> None:
+        bb = self.backbone_spec.load(self.device)
+        weights, scale = dm.classifier()
+        self.classifier.copy_(weights)
+        self.logit_scale.fill_(scale)
+        self.finetuned = bb.model.visual.train().requires_grad_(True)
+        self.ready.fill_(True)
+
+    def backbone(self) -> nn.Module:
+        """The frozen backbone, loaded on first use (not in the state_dict)."""
+        if self._backbone is None:
+            self._backbone = self.backbone_spec.load(self.device).model
+        return self._backbone
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Class probabilities of raw images (``(images, labels)`` batches) or cached batches."""
+        if isinstance(batch, CachedBatch):
+            logits, labels = self(batch.float()), batch.label
+        else:
+            images, labels = batch[0], batch[1]
+            logits = self.logits_from_images(images)
+        return {"probs": logits.softmax(-1), "labels": labels}
+
+    def logits_from_images(self, images: Tensor) -> Tensor:
+        """(N, C) logits of preprocessed images through the backbone and the adapter."""
+        if self.method == "finetune":
+            return self.logits_from_embedding(self.finetuned(images).float())
+        with torch.no_grad():
+            compact = decompose_compact(self.backbone(), images.to(self.device), self.hparams.convention)
+        batch = CachedBatch(
+            compact.heads, compact.mlps, compact.emb, torch.zeros(len(images), dtype=torch.long)
+        )
+        return self(batch)
+
+
+class ResidualCLIP(nn.Module):
+    """Inference without Lightning: backbone + adapter + classifier from a checkpoint.
+
+    Example:
+        >>> clip = ResidualCLIP.from_checkpoint("runs/.../best.ckpt")  # doctest: +SKIP
+        >>> probs = clip.predict(images)                                 # doctest: +SKIP
+    """
+
+    def __init__(self, model: ResidualModel) -> None:
+        super().__init__()
+        self.model = model.eval()
+
+    @classmethod
+    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> ResidualCLIP:
+        """Rebuild from a checkpoint written by `residual-lightning fit` (weights-only load)."""
+        model = ResidualModel.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+        return cls(model)
+
+    @torch.no_grad()
+    def encode_image(self, images: Tensor) -> Tensor:
+        """(N, D) aligned image embeddings (not normalised)."""
+        compact = decompose_compact(self.model.backbone(), images, self.model.hparams.convention)
+        batch = CachedBatch(
+            compact.heads, compact.mlps, compact.emb, torch.zeros(len(images), dtype=torch.long)
+        )
+        return self.model.adapter(batch)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Tensor:
+        """(N, C) class probabilities."""
+        return self.model.logits_from_images(images).softmax(-1)
