@@ -62,7 +62,11 @@ def spectra_figure(bases) -> plt.Figure:
     """Explained-variance ratio spectra of the heads (one line each) and of the MLPs."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, (kind, basis) in zip(axes, (("heads", bases.heads), ("MLPs", bases.mlps))):
-        ratio = basis.explained_variance_ratio.detach().cpu().reshape(-1, basis.explained_variance_ratio.shape[-1])
+        ratio = (
+            basis.explained_variance_ratio.detach()
+            .cpu()
+            .reshape(-1, basis.explained_variance_ratio.shape[-1])
+        )
         for r in ratio:
             ax.semilogy(np.arange(1, len(r) + 1), r.clamp_min(1e-8).numpy(), lw=0.5, alpha=0.5)
         ax.set_title(f"{kind}: explained variance ratio")
@@ -114,7 +118,11 @@ class ResidualPlots(L.Callback):
         matrix = getattr(pl_module, "confusion_matrix", None)
         if exp is None or matrix is None or not trainer.is_global_zero:
             return
-        exp.add_figure("test/confusion_matrix", confusion_figure(matrix, pl_module.class_names), global_step=trainer.global_step)
+        exp.add_figure(
+            "test/confusion_matrix",
+            confusion_figure(matrix, pl_module.class_names),
+            global_step=trainer.global_step,
+        )
 
 
 def find_lr(trainer: L.Trainer, model, datamodule, num_training: int = 50, min_lr: float = 1e-3) -> float:
@@ -122,7 +130,9 @@ def find_lr(trainer: L.Trainer, model, datamodule, num_training: int = 50, min_l
     from lightning.pytorch.tuner import Tuner
 
     model.lr = min_lr  # a number while the finder runs
-    finder = Tuner(trainer).lr_find(model, datamodule=datamodule, min_lr=min_lr, num_training=num_training, update_attr=False)
+    finder = Tuner(trainer).lr_find(
+        model, datamodule=datamodule, min_lr=min_lr, num_training=num_training, update_attr=False
+    )
     suggestion = finder.suggestion() if finder is not None else None
     model.lr = float(suggestion) if suggestion else 0.8
     log.info("LR finder suggests %s (using %s)", suggestion, model.lr)

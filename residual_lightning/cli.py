@@ -26,7 +26,9 @@ from residual_lightning.model import ResidualModel
 class ResidualTrainer(Trainer):
     """Lightning's Trainer plus `extract`, so that cache building uses the same strategies (DDP)."""
 
-    def extract(self, model: ResidualModel | None = None, datamodule: ResidualDataModule | None = None) -> None:
+    def extract(
+        self, model: ResidualModel | None = None, datamodule: ResidualDataModule | None = None
+    ) -> None:
         """Build the activation caches and the text classifier of a data config, sharded across devices.
 
         Args:
@@ -39,13 +41,18 @@ class ResidualTrainer(Trainer):
             raise ValueError("extract needs a data module (--data ...)")
         backbone = datamodule.backbone.load()
         extractor = Extractor(
-            backbone.model, datamodule.jobs(backbone), batch_size=datamodule.extract_batch_size,
-            chunk_size=datamodule.chunk_size, num_workers=datamodule.num_workers,
+            backbone.model,
+            datamodule.jobs(backbone),
+            batch_size=datamodule.extract_batch_size,
+            chunk_size=datamodule.chunk_size,
+            num_workers=datamodule.num_workers,
         )
         self.predict(extractor, return_predictions=False)
         if self.is_global_zero:
             datamodule.classifier()
-            print(f"caches ready under {datamodule.cache_dir}: {', '.join(map(str, datamodule.cache_paths().values()))}")
+            print(
+                f"caches ready under {datamodule.cache_dir}: {', '.join(map(str, datamodule.cache_paths().values()))}"
+            )
 
 
 class ResidualCLI(LightningCLI):
@@ -60,7 +67,9 @@ class ResidualCLI(LightningCLI):
         """Links from the data module into the model, early stopping and checkpoint defaults."""
         parser.link_arguments("data.backbone", "model.backbone")
         parser.link_arguments("data.convention", "model.convention")
-        parser.link_arguments("data", "model.class_names", compute_fn=lambda dm: dm.class_names, apply_on="instantiate")
+        parser.link_arguments(
+            "data", "model.class_names", compute_fn=lambda dm: dm.class_names, apply_on="instantiate"
+        )
         parser.link_arguments("data", "model.shape", compute_fn=lambda dm: dm.shape, apply_on="instantiate")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -97,7 +106,9 @@ class ResidualCLI(LightningCLI):
             return
         ckpt = self.trainer.checkpoint_callback
         best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
-        results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+        results = self.trainer.test(
+            self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False
+        )
         if self.trainer.is_global_zero:
             print_summary(self.model, results[0] if results else {}, best, self.trainer)
 
@@ -111,7 +122,10 @@ def print_summary(model: ResidualModel, metrics: dict, best: str | None, trainer
         ("method", model.method),
         ("zero-shot test accuracy", fmt(zs)),
         (f"{model.method} test accuracy", fmt(acc)),
-        ("gain (points)", f"{100 * (acc - zs):+.1f}" if isinstance(acc, float) and isinstance(zs, float) else "n/a"),
+        (
+            "gain (points)",
+            f"{100 * (acc - zs):+.1f}" if isinstance(acc, float) and isinstance(zs, float) else "n/a",
+        ),
         ("learned parameters", f"{model.num_learned():,}"),
         ("TensorBoard logs", f"{logdir}  (tensorboard --logdir {Path(logdir).parent if logdir else 'runs'})"),
         ("best checkpoint", best or "none"),

@@ -10,6 +10,7 @@ self-contained; `ResidualCLIP` rebuilds backbone + adapter for inference without
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
@@ -87,7 +88,7 @@ class ResidualModel(L.LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         logit_mode: Literal["scaled_cosine", "raw"] = "scaled_cosine",
         classifier: Literal["text", "prototypes"] = "text",
-        backbone: BackboneSpec | None = None,
+        backbone: BackboneSpec | dict | None = None,
         class_names: list[str] | None = None,
         shape: tuple[int, int, int, int] | None = None,
         convention: Literal["default", "equal_share"] = "default",
@@ -99,7 +100,11 @@ class ResidualModel(L.LightningModule):
             raise ValueError("class_names is empty: link them from the data module (the CLI does)")
         if shape is None:
             raise ValueError("shape (L, H, k, D) is missing: link it from the data module (the CLI does)")
-        self.save_hyperparameters(ignore=["optimizer"])
+        if isinstance(backbone, dict):  # how checkpoints store it
+            backbone = BackboneSpec(**backbone)
+        self.save_hyperparameters(ignore=["optimizer", "backbone"])
+        # A plain dict, so that checkpoints load with torch.load(weights_only=True).
+        self.hparams["backbone"] = asdict(backbone or BackboneSpec())
         self.method, self.adapter_options = method, dict(adapter or {})
         self.lr = lr
         self.optimizer_factory = optimizer
@@ -129,7 +134,12 @@ class ResidualModel(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_": nn.ModuleDict(
-                    {"accuracy": acc(), "top5": acc(top5), "zeroshot_accuracy": acc(), "loss": torchmetrics.MeanMetric()}
+                    {
+                        "accuracy": acc(),
+                        "top5": acc(top5),
+                        "zeroshot_accuracy": acc(),
+                        "loss": torchmetrics.MeanMetric(),
+                    }
                 )
                 for stage in ("train", "val", "test")
             }

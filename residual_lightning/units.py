@@ -613,9 +613,13 @@ def load_backbone(
                 )
             weights_id = pretrained
     try:
-        model, _, transform = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, precision=precision, device=device
-        )
+        # Random weights are drawn from a fixed seed, so that "random" names one set of weights:
+        # caches, classifiers and checkpoints made with it stay consistent across processes.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, _, transform = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained, precision=precision, device=device
+            )
     except (OSError, RuntimeError, ConnectionError) as err:
         if pretrained is None or os.path.isfile(pretrained):
             raise
