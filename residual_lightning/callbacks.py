@@ -6,7 +6,9 @@ LR finder replaces the trainer's callbacks while it runs.
 
 from __future__ import annotations
 
+import csv
 import logging
+from pathlib import Path
 
 import lightning as L
 import matplotlib
@@ -15,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.callbacks import BasePredictionWriter  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,62 @@ class ResidualPlots(L.Callback):
             confusion_figure(matrix, pl_module.class_names),
             global_step=trainer.global_step,
         )
+
+
+class PredictionCSV(BasePredictionWriter):
+    """Writes ``predict`` results to a CSV: file, predicted class, probability (and the true label).
+
+    Args:
+        output: the CSV path (default: ``predictions.csv`` in the logger's run folder); each
+            rank of a multi-device run writes ``<stem>.rank<r>.csv`` and rank 0 merges them.
+    """
+
+    def __init__(self, output: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output = Path(output) if output else None
+        self._rows: list[tuple] = []
+
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ):
+        """Collect this batch's rows (nothing for predict passes that return no probabilities, e.g. extract)."""
+        if not isinstance(prediction, dict) or "probs" not in prediction:
+            return
+        names = getattr(trainer.datamodule, "predict_names", None)
+        probs, labels = prediction["probs"].cpu(), prediction["labels"].cpu()
+        index = prediction.get("index")
+        index = index.cpu().tolist() if index is not None else list(batch_indices or range(len(probs)))
+        best_p, best = probs.max(-1)
+        for i, p, c, y in zip(index, best_p.tolist(), best.tolist(), labels.tolist()):
+            name = names[i] if names is not None else str(i)
+            true = pl_module.class_names[y] if 0 <= y < len(pl_module.class_names) else ""
+            self._rows.append((i, name, pl_module.class_names[c], p, true))
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        """Write this rank's rows; rank 0 merges every rank's file in index order."""
+        if not hasattr(pl_module, "class_names"):  # not a ResidualModel predict (e.g. extract)
+            return
+        if self.output is None:
+            self.output = Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv"
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        part = self.output.with_suffix(f".rank{trainer.global_rank}.csv")
+        with open(part, "w", newline="") as f:
+            csv.writer(f).writerows(self._rows)
+        trainer.strategy.barrier("prediction-csv")
+        if trainer.is_global_zero:
+            rows = []
+            for r in range(trainer.world_size):
+                file = self.output.with_suffix(f".rank{r}.csv")
+                with open(file, newline="") as f:
+                    rows += list(csv.reader(f))
+                file.unlink()
+            rows.sort(key=lambda row: int(row[0]))
+            with open(self.output, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["file", "predicted_class", "probability", "true_class"])
+                w.writerows(row[1:] for row in rows)
+            print(f"wrote {len(rows)} predictions to {self.output}")
+        self._rows = []
 
 
 def find_lr(trainer: L.Trainer, model, datamodule, num_training: int = 50, min_lr: float = 1e-3) -> float:

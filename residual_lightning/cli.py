@@ -89,7 +89,10 @@ class ResidualCLI(LightningCLI):
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                     "init_args": {"save_dir": "runs", "name": "residual"},
                 },
-                "trainer.callbacks": [{"class_path": "residual_lightning.callbacks.ResidualPlots"}],
+                "trainer.callbacks": [
+                    {"class_path": "residual_lightning.callbacks.ResidualPlots"},
+                    {"class_path": "residual_lightning.callbacks.PredictionCSV"},
+                ],
             }
         )
 
@@ -136,17 +139,17 @@ def print_summary(model: ResidualModel, metrics: dict, best: str | None, trainer
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `residual-lightning` console script."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["analyze"]:
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["analyze"]:
         from residual_lightning.analysis.cli import main as analyze
 
-        analyze(argv[1:])
+        analyze(words[1:])
         return
     ResidualCLI(
         ResidualModel,
         ResidualDataModule,
         trainer_class=ResidualTrainer,
-        args=argv,
+        args=argv,  # None: sys.argv, which DDP's launcher re-runs in each process
         save_config_kwargs={"overwrite": True},
     )
 

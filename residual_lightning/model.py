@@ -163,7 +163,7 @@ class ResidualModel(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Fill the frozen tensors from the data module and build the adapter (unless restored)."""
         dm = self.trainer.datamodule if self.trainer is not None else None
-        if bool(self.ready) or dm is None:
+        if bool(self.ready) or dm is None or stage == "predict":  # predict: the checkpoint fills them
             if self.adapter is None:
                 self._build_adapter(None)
             return
@@ -264,7 +264,7 @@ class ResidualModel(L.LightningModule):
         if m["loss"].update_count == 0:
             return
         values = {f"{stage}/{name}": metric.compute() for name, metric in m.items()}
-        self.log_dict(values, prog_bar=stage == "val", sync_dist=False)
+        self.log_dict(values, prog_bar=stage == "val", sync_dist=True)  # already synced by torchmetrics
         for metric in m.values():
             metric.reset()
 
@@ -282,7 +282,7 @@ class ResidualModel(L.LightningModule):
         self._log_stage("test")
         per_class = self.test_per_class.compute()
         for name, value in zip(self.class_names, per_class):
-            self.log(f"test/class_accuracy/{name}", value)
+            self.log(f"test/class_accuracy/{name}", value, sync_dist=True)
         self.confusion_matrix = self.test_confusion.compute().cpu()
         self.test_per_class.reset()
         self.test_confusion.reset()
@@ -312,7 +312,11 @@ class ResidualModel(L.LightningModule):
         self._optimizer_mode("eval")
 
     def on_predict_epoch_start(self) -> None:
-        """Predict with the averaged weights."""
+        """Predict with the averaged weights of a trained checkpoint."""
+        if not bool(self.ready):
+            raise ValueError(
+                "predict needs a trained model: pass --ckpt_path <checkpoint of residual-lightning fit>"
+            )
         self._optimizer_mode("eval")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -348,17 +352,25 @@ class ResidualModel(L.LightningModule):
     def backbone(self) -> nn.Module:
         """The frozen backbone, loaded on first use (not in the state_dict)."""
         if self._backbone is None:
-            self._backbone = self.backbone_spec.load(self.device).model
+            dm = self.trainer.datamodule if self._trainer is not None else None
+            if dm is not None and getattr(dm, "backbone", None) == self.backbone_spec:
+                self._backbone = dm.loaded_backbone().model.to(self.device)  # loaded once per process
+            else:
+                self._backbone = self.backbone_spec.load(self.device).model
         return self._backbone
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """Class probabilities of raw images (``(images, labels)`` batches) or cached batches."""
+        """Class probabilities of raw images (``(images, labels[, index])`` batches) or cached batches."""
         if isinstance(batch, CachedBatch):
-            logits, labels = self(batch.float()), batch.label
+            logits, labels, index = self(batch.float()), batch.label, None
         else:
             images, labels = batch[0], batch[1]
+            index = batch[2] if len(batch) > 2 else None
             logits = self.logits_from_images(images)
-        return {"probs": logits.softmax(-1), "labels": labels}
+        out = {"probs": logits.softmax(-1), "labels": labels}
+        if index is not None:
+            out["index"] = index
+        return out
 
     def logits_from_images(self, images: Tensor) -> Tensor:
         """(N, C) logits of preprocessed images through the backbone and the adapter."""

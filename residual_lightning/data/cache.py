@@ -211,14 +211,13 @@ class CacheWriter:
         """Chunks not recorded as written."""
         return [c for c in range(self.num_chunks) if c not in self.done]
 
-    def write(self, start: int, compact: CompactContributions, labels: Tensor) -> None:
-        """Write a batch of contributions at sample offset `start`."""
-        n = labels.shape[0]
+    def write(self, indices: np.ndarray, compact: CompactContributions, labels: Tensor) -> None:
+        """Write a batch of contributions at the given sample indices (sorted or not)."""
         dt = self.shapes["heads"][1]
-        self.arrays["heads"][start : start + n] = compact.heads.detach().cpu().numpy().astype(dt)
-        self.arrays["mlps"][start : start + n] = compact.mlps.detach().cpu().numpy().astype(dt)
-        self.arrays["emb"][start : start + n] = compact.emb.detach().cpu().numpy().astype(dt)
-        self.arrays["labels"][start : start + n] = labels.cpu().numpy()
+        self.arrays["heads"][indices] = compact.heads.detach().cpu().numpy().astype(dt)
+        self.arrays["mlps"][indices] = compact.mlps.detach().cpu().numpy().astype(dt)
+        self.arrays["emb"][indices] = compact.emb.detach().cpu().numpy().astype(dt)
+        self.arrays["labels"][indices] = labels.cpu().numpy()
 
     def commit_chunk(self, chunk: int) -> None:
         """Flush a fully written chunk and record it with its checksum."""

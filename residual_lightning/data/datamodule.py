@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from residual_lightning.data.cache import ActivationCache, CacheError, CacheKey, open_or_none
-from residual_lightning.data.extract import ExtractionJob, build_cache
+from residual_lightning.data.extract import ExtractionJob, IndexedDataset, build_cache
 from residual_lightning.data.registry import get_dataset_spec, load_split_datasets
 from residual_lightning.spectral import UnitBases, fit_unit_bases
 from residual_lightning.units import BackboneSpec, layout_from_config
@@ -138,6 +138,8 @@ class ResidualDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         pin_memory: pin batches (for GPU training).
         seed: seed of the training batch order (a function of seed and epoch).
+        predict_path: for ``predict``: a folder of images (searched recursively) or an image
+            file; default: the images of the test part.
     """
 
     def __init__(
@@ -165,6 +167,7 @@ class ResidualDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
+        predict_path: str | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone or BackboneSpec()
@@ -183,7 +186,9 @@ class ResidualDataModule(L.LightningDataModule):
         self.extract_batch_size, self.extract_device = extract_batch_size, extract_device
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
+        self.predict_path = predict_path
         self.caches: dict[str, ActivationCache] = {}
+        self._backbone = None
         self._class_names: list[str] | None = list(self.spec.class_names) if self.spec.class_names else None
         self._templates: list[str] = list(self.spec.templates)
 
@@ -317,7 +322,7 @@ class ResidualDataModule(L.LightningDataModule):
                 f"caches {missing} are missing; with several devices build them first: "
                 "residual-lightning extract --config <the same config> (it shards extraction across devices)"
             )
-        backbone = self.backbone.load(self._device())
+        backbone = self.loaded_backbone()
         for job in self.jobs(backbone):
             build_cache(
                 backbone.model,
@@ -339,9 +344,15 @@ class ResidualDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------- reading
 
+    def loaded_backbone(self):
+        """The backbone, loaded once per process (for extraction and predict)."""
+        if self._backbone is None:
+            self._backbone = self.backbone.load(self._device())
+        return self._backbone
+
     def setup(self, stage: str | None = None) -> None:
-        """Open the (already built) caches of every part; verified on open."""
-        if self.caches:
+        """Open the (already built) caches of every part; verified on open. Predict needs no cache."""
+        if stage == "predict" or self.caches:
             return
         pre = self.preprocessing()
         for part, path in self.cache_paths().items():
@@ -378,10 +389,10 @@ class ResidualDataModule(L.LightningDataModule):
         """
         ref_key = self.key("reference" if self.reference == "imagenet" else "train", self.preprocessing())
         path = self.cache_dir / f"bases-{ref_key.digest()}.safetensors"
-        if path.exists():
+        rank, world = self._rank_world()
+        if _rank0_says(path.exists(), world):  # every rank takes rank 0's branch (all_reduce below)
             return UnitBases.load(path)
         ref = self.reference_cache()
-        rank, world = self._rank_world()
         shard = (b for i, b in enumerate(ref.iter_batches(2048)) if i % world == rank)
         bases = fit_unit_bases(
             shard,
@@ -433,6 +444,51 @@ class ResidualDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Test batches (each sample once across ranks)."""
         return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Raw images (``predict_path`` or the test part) as ``(image, label, index)`` batches.
+
+        Each rank gets a disjoint share; the dataset's ``names`` give each index its file name.
+        """
+        from residual_lightning.data.registry import IMAGE_EXTENSIONS, ImageListDataset
+
+        transform = self.loaded_backbone().transform
+        if self.predict_path is not None:
+            root = Path(self.predict_path)
+            if root.is_file():
+                files = [root]
+            elif root.is_dir():
+                files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            else:
+                raise FileNotFoundError(f"predict_path {root} does not exist")
+            if not files:
+                raise FileNotFoundError(
+                    f"no images ({', '.join(IMAGE_EXTENSIONS)}) under predict_path {root}"
+                )
+            data = ImageListDataset(files, [-1] * len(files), self.class_names, self.templates, transform)
+            names = [str(f) for f in files]
+        else:
+            data = self._load_parts(transform)["test"]
+            paths = getattr(getattr(data, "dataset", None), "paths", None)
+            idx = getattr(data, "indices", range(len(data)))
+            names = [paths[i] for i in idx] if paths is not None else [f"test[{i}]" for i in range(len(data))]
+        self.predict_names = names
+        rank, world = self._rank_world()
+        mine = list(range(rank, len(data), world))  # a disjoint share per rank, nothing repeated
+        return DataLoader(
+            IndexedDataset(data),
+            batch_size=self.extract_batch_size,
+            sampler=mine,
+            num_workers=self.num_workers,
+        )
+
+
+def _rank0_says(flag: bool, world: int) -> bool:
+    """Rank 0's value of `flag`, broadcast to every rank."""
+    decision = [flag]
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(decision, src=0)
+    return decision[0]
 
 
 def _stratified_subset(dataset, size: int, seed: int):

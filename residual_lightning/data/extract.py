@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -39,13 +40,9 @@ class ExtractionJob:
     path: Path
 
 
-def _chunk_batches(writer: CacheWriter, chunks: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Batches of sample indices that never straddle a chunk boundary."""
-    batches = []
-    for chunk in chunks:
-        start, stop = writer.chunk_range(chunk)
-        batches += [list(range(s, min(s + batch_size, stop))) for s in range(start, stop, batch_size)]
-    return batches
+def _chunk_indices(writer: CacheWriter, chunks: Sequence[int]) -> list[int]:
+    """Sample indices of the given chunks, in order."""
+    return [i for chunk in chunks for i in range(*writer.chunk_range(chunk))]
 
 
 def open_writer(job: ExtractionJob, model: torch.nn.Module, chunk_size: int, rank: int = 0) -> CacheWriter:
@@ -71,22 +68,26 @@ def open_writer(job: ExtractionJob, model: torch.nn.Module, chunk_size: int, ran
 
 
 class _WriteStep:
-    """Decompose one batch and write it; commit its chunk when the chunk is full."""
+    """Decompose one batch, write each sample at its index, commit chunks once complete."""
 
     def __init__(self, model, writer: CacheWriter, convention: str, autocast_dtype: torch.dtype | None):
         self.model, self.writer, self.convention, self.dtype = model, writer, convention, autocast_dtype
+        self.written: dict[int, int] = {}  # samples written per pending chunk
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, first_index: int) -> None:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
         device = next(self.model.parameters()).device
         # No dtype: leave any surrounding autocast (Lightning's precision plugin) in force.
         amp = torch.autocast(device.type, self.dtype) if self.dtype is not None else contextlib.nullcontext()
         with torch.inference_mode(), amp:
             compact = decompose_compact(self.model, images.to(device), self.convention)
-        self.writer.write(first_index, compact, labels)
-        chunk = first_index // self.writer.chunk_size
-        _, stop = self.writer.chunk_range(chunk)
-        if first_index + labels.shape[0] == stop:
-            self.writer.commit_chunk(chunk)
+        idx = indices.cpu().numpy()
+        self.writer.write(idx, compact, labels)
+        for chunk in np.unique(idx // self.writer.chunk_size).tolist():
+            n = int((idx // self.writer.chunk_size == chunk).sum())
+            self.written[chunk] = self.written.get(chunk, 0) + n
+            start, stop = self.writer.chunk_range(chunk)
+            if self.written[chunk] == stop - start:
+                self.writer.commit_chunk(chunk)
 
 
 def build_cache(
@@ -120,16 +121,16 @@ def build_cache(
         pending = writer.pending_chunks()
         if pending and len(pending) < writer.num_chunks:
             log.info("resuming %s: %d of %d chunks left", job.path, len(pending), writer.num_chunks)
-        batches = _chunk_batches(writer, pending, batch_size)
-        loader = DataLoader(job.dataset, batch_sampler=batches, num_workers=num_workers)
+        todo = _chunk_indices(writer, pending)
+        loader = DataLoader(
+            IndexedDataset(job.dataset), batch_size=batch_size, sampler=todo, num_workers=num_workers
+        )
         step = _WriteStep(model, writer, job.key.convention, autocast_dtype)
-        total = sum(len(b) for b in batches)
-        with tqdm(
-            total=total, unit="img", desc=f"extract {job.key.dataset}/{job.key.part}", disable=not progress
-        ) as bar:
-            for batch_indices, (images, labels) in zip(batches, loader):
-                step(images, labels, batch_indices[0])
-                bar.update(len(batch_indices))
+        desc = f"extract {job.key.dataset}/{job.key.part}"
+        with tqdm(total=len(todo), unit="img", desc=desc, disable=not progress) as bar:
+            for images, labels, indices in loader:
+                step(images, labels, indices)
+                bar.update(len(indices))
         writer.finalize()
     return ActivationCache.open(job.path, job.key, verify=False)
 
@@ -137,9 +138,11 @@ def build_cache(
 class Extractor(L.LightningModule):
     """Builds several caches in one `Trainer.predict` pass, sharded across ranks.
 
-    Chunks are dealt round-robin to the ranks (no padding, no repeats); every rank writes into the
-    same preallocated files; after a barrier rank 0 verifies that every chunk was written and marks
-    each cache complete.
+    The pending chunks of every cache are dealt round-robin to the ranks (no padding, no repeats)
+    and read through one loader; every rank writes into the same preallocated files; after a
+    barrier rank 0 checks that every chunk was written and marks each cache complete. A rank left
+    without chunks (more ranks than chunks) processes one placeholder sample that it does not
+    write, because Lightning refuses empty loaders.
 
     Args:
         model: the frozen open_clip model.
@@ -163,55 +166,53 @@ class Extractor(L.LightningModule):
         self.batch_size = batch_size
         self.chunk_size = chunk_size
         self.num_workers = num_workers
-        self.writers: list[CacheWriter] = []
-        self.todo: list[int] = []
+        self.steps: dict[int, _WriteStep] = {}
 
     def setup(self, stage: str) -> None:
         """Rank 0 creates the files, then every rank opens them."""
         self.backbone.eval().requires_grad_(False)
         for job in self.jobs:
             job.path.parent.mkdir(parents=True, exist_ok=True)
-        self.todo = [i for i, job in enumerate(self.jobs) if open_or_none(job.path, job.key) is None]
+        todo = [i for i, job in enumerate(self.jobs) if open_or_none(job.path, job.key, verify=False) is None]
         if self.global_rank == 0:
-            for i in self.todo:
+            for i in todo:
                 open_writer(self.jobs[i], self.backbone, self.chunk_size, rank=0)
         self.trainer.strategy.barrier("extract-setup")
-        self.writers = [
-            open_writer(self.jobs[i], self.backbone, self.chunk_size, rank=self.global_rank)
-            for i in self.todo
-        ]
+        for i in todo:
+            writer = open_writer(self.jobs[i], self.backbone, self.chunk_size, rank=self.global_rank)
+            self.steps[i] = _WriteStep(self.backbone, writer, writer.key.convention, None)
 
-    def predict_dataloader(self) -> list[DataLoader]:
-        """One loader per cache left to build, over this rank's share of its pending chunks."""
-        loaders = []
+    def predict_dataloader(self) -> DataLoader:
+        """One loader over this rank's share of every cache's pending chunks: items (job, index)."""
         world, rank = self.trainer.world_size, self.global_rank
-        for writer, i in zip(self.writers, self.todo):
-            pending = writer.pending_chunks()[rank::world]
-            batches = _chunk_batches(writer, pending, self.batch_size)
-            loaders.append(
-                DataLoader(
-                    _Indexed(self.jobs[i].dataset), batch_sampler=batches, num_workers=self.num_workers
-                )
-            )
-        return loaders
+        chunks = [(i, c) for i, step in self.steps.items() for c in step.writer.pending_chunks()]
+        mine = [(i, s) for i, c in chunks[rank::world] for s in range(*self.steps[i].writer.chunk_range(c))]
+        if not mine:
+            mine = [(-1, -1)]
+        return DataLoader(
+            _JobItems(self.jobs), batch_size=self.batch_size, sampler=mine, num_workers=self.num_workers
+        )
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Decompose a batch and write it to its cache."""
-        images, labels, index = batch
-        writer = self.writers[dataloader_idx]
-        _WriteStep(self.backbone, writer, writer.key.convention, None)(images, labels, int(index[0]))
+        """Decompose a batch and write each sample to its cache."""
+        images, labels, index, job = batch
+        for j in job.unique().tolist():
+            if j < 0:
+                continue  # the placeholder of a rank without chunks
+            sel = job == j
+            self.steps[j](images[sel], labels[sel], index[sel])
 
     def on_predict_end(self) -> None:
         """Barrier, then rank 0 marks every cache complete."""
         self.trainer.strategy.barrier("extract-end")
         if self.global_rank == 0:
-            for writer in self.writers:
-                writer.finalize()
+            for step in self.steps.values():
+                step.writer.finalize()
         self.trainer.strategy.barrier("extract-final")
 
 
-class _Indexed(Dataset):
-    """Wraps a dataset so that each item also carries its index (to place it in the cache)."""
+class IndexedDataset(Dataset):
+    """Items ``(image, label, index)``: the index places a sample in a cache or names its file."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -222,3 +223,21 @@ class _Indexed(Dataset):
     def __getitem__(self, i: int):
         image, label = self.dataset[i]
         return image, label, i
+
+
+class _JobItems(Dataset):
+    """``dataset[(job, index)] -> (image, label, index, job)`` over several jobs' datasets."""
+
+    def __init__(self, jobs: list[ExtractionJob]) -> None:
+        self.jobs = jobs
+
+    def __len__(self) -> int:
+        return sum(len(j.dataset) for j in self.jobs)
+
+    def __getitem__(self, item: tuple[int, int]):
+        job, i = item
+        if job < 0:  # placeholder: a real image (for its shape), never written
+            image, label = self.jobs[0].dataset[0]
+            return image, label, -1, -1
+        image, label = self.jobs[job].dataset[i]
+        return image, label, i, job

@@ -1,0 +1,187 @@
+"""The residual-lightning CLI end to end: fit/test from YAML, TensorBoard, LR finder, predict, resume."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from residual_lightning.cli import main
+
+ROOT = Path(__file__).parents[1]
+QUICK = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def args(tmp: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        "--config",
+        QUICK,
+        "--data.cache_dir",
+        str(cache),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp / "runs"),
+        "--trainer.default_root_dir",
+        str(tmp),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """Digits caches for the quickstart config, built once via the `extract` subcommand."""
+    path = tmp_path_factory.mktemp("cache")
+    main(
+        [
+            "extract",
+            "--config",
+            QUICK,
+            "--data.cache_dir",
+            str(path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    return path
+
+
+def tags(logdir: Path) -> dict[str, list[str]]:
+    events = EventAccumulator(str(logdir), size_guidance={"images": 0, "scalars": 0}).Reload().Tags()
+    return events
+
+
+def test_fit_writes_scalars_images_and_summary(tmp_path, cache, capsys):
+    main(["fit", *args(tmp_path, cache, "--trainer.max_epochs", "3")])
+    out = capsys.readouterr().out
+    assert "zero-shot test accuracy" in out and "learned parameters" in out and "1,536" in out
+    logdir = next((tmp_path / "runs").glob("quickstart/version_*"))
+    t = tags(logdir)
+    for scalar in ("train/loss", "val/accuracy", "val/zeroshot_accuracy", "test/accuracy", "params/learned"):
+        assert scalar in t["scalars"], (scalar, t["scalars"])
+    for image in ("adapter/lambda", "spectra/explained_variance", "test/confusion_matrix"):
+        assert image in t["images"], (image, t["images"])
+    ckpts = sorted(p.name for p in (logdir / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(c.startswith("best-epoch") for c in ckpts)
+    assert all("/" not in c for c in ckpts)
+
+
+def test_lr_auto_runs_the_finder_and_logs_its_curve(tmp_path, cache):
+    main(["fit", *args(tmp_path, cache, "--trainer.max_epochs", "1", "--model.lr", "auto")])
+    logdir = next((tmp_path / "runs").glob("quickstart/version_*"))
+    t = tags(logdir)
+    assert "lr_finder/curve" in t["images"] and "lr_finder/suggestion" in t["scalars"]
+    ckpt = torch.load(next((logdir / "checkpoints").glob("last.ckpt")), weights_only=True)
+    assert isinstance(ckpt["hyper_parameters"]["lr"], str)  # the config said auto ...
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] >= 1e-3  # ... the finder chose a number
+
+
+def test_validate_test_and_predict_from_yaml(tmp_path, cache):
+    main(["fit", *args(tmp_path, cache, "--trainer.max_epochs", "1")])
+    ckpt = next((tmp_path / "runs").glob("quickstart/version_*/checkpoints/last.ckpt"))
+    main(["validate", *args(tmp_path, cache), "--ckpt_path", str(ckpt)])
+    main(["test", *args(tmp_path, cache), "--ckpt_path", str(ckpt)])
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (30, 30), (80 * i, 10, 200)).save(images / f"x{i}.png")
+    out = tmp_path / "pred.csv"
+    main(
+        [
+            "predict",
+            *args(tmp_path, cache),
+            "--ckpt_path",
+            str(ckpt),
+            "--data.predict_path",
+            str(images),
+            "--trainer.callbacks",
+            "residual_lightning.callbacks.PredictionCSV",
+            "--trainer.callbacks.output",
+            str(out),
+        ]
+    )
+    rows = list(csv.DictReader(open(out)))
+    assert [Path(r["file"]).name for r in rows] == ["x0.png", "x1.png", "x2.png"]
+    assert all(
+        r["predicted_class"] in [str(d) for d in range(10)] and 0 < float(r["probability"]) <= 1 for r in rows
+    )
+
+
+def test_predict_without_checkpoint_is_refused(tmp_path, cache):
+    with pytest.raises(ValueError, match="--ckpt_path"):
+        main(["predict", *args(tmp_path, cache)])
+
+
+def lambdas(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.endswith("_lambdas")}
+
+
+def test_killed_fit_resumes_from_last_ckpt_to_the_same_result(tmp_path, cache):
+    full = tmp_path / "full"
+    main(["fit", *args(full, cache, "--trainer.max_epochs", "4", "--early_stopping.patience", "100")])
+    killed = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-c",
+        "from residual_lightning.cli import main; main()",
+        "fit",
+        *args(killed, cache, "--trainer.max_epochs", "4", "--early_stopping.patience", "100"),
+        "--trainer.callbacks+=tests.cli_helpers.KillDuringEpoch",
+        "--trainer.callbacks.epoch",
+        "2",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    last = next(killed.glob("runs/quickstart/version_*/checkpoints/last.ckpt"))
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    main(
+        [
+            "fit",
+            *args(killed, cache, "--trainer.max_epochs", "4", "--early_stopping.patience", "100"),
+            "--ckpt_path",
+            str(last),
+        ]
+    )
+    a = lambdas(next(full.glob("runs/quickstart/version_*/checkpoints/last.ckpt")))
+    b = lambdas(sorted(killed.glob("runs/quickstart/version_*/checkpoints/last.ckpt"))[-1])
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    # The console script itself: DDP's launcher re-runs sys.argv in each process, so no `-c`.
+    cmd = [str(Path(sys.executable).parent / "residual-lightning"), *argv]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def best_val(tmp: Path) -> float:
+    ckpt = next(tmp.glob("runs/quickstart/version_*/checkpoints/best-*.ckpt"))
+    return float(ckpt.stem.split("acc")[-1])
+
+
+def test_two_process_ddp_extracts_one_cache_and_matches_one_process(tmp_path):
+    from residual_lightning.data.cache import ActivationCache
+
+    cache = tmp_path / "cache"
+    ddp = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu")
+    run_cli("extract", "--config", QUICK, "--data.cache_dir", str(cache), "--data.chunk_size", "256", *ddp)
+    folders = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(folders) == 3
+    for folder in folders:
+        c = ActivationCache.open(folder)  # complete and every chunk checksum verified
+        assert len(c) in (1078, 360, 359)
+    epochs = ("--trainer.max_epochs", "2")
+    run_cli("fit", *args(tmp_path / "two", cache, *epochs, *ddp))
+    run_cli("fit", *args(tmp_path / "one", cache, *epochs))
+    assert abs(best_val(tmp_path / "two") - best_val(tmp_path / "one")) <= 0.05
