@@ -39,6 +39,7 @@ class ResidualTrainer(Trainer):
 
         if datamodule is None:
             raise ValueError("extract needs a data module (--data ...)")
+        datamodule.trainer = self  # its precision is part of the cache key
         backbone = datamodule.backbone.load()
         extractor = Extractor(
             backbone.model,
@@ -67,6 +68,11 @@ class ResidualCLI(LightningCLI):
         """Links from the data module into the model, early stopping and checkpoint defaults."""
         parser.link_arguments("data.backbone", "model.backbone")
         parser.link_arguments("data.convention", "model.convention")
+        parser.link_arguments(
+            "model.method",
+            "data.mode",
+            compute_fn=lambda method: "images" if method == "finetune" else "cache",
+        )
         parser.link_arguments(
             "data", "model.class_names", compute_fn=lambda dm: dm.class_names, apply_on="instantiate"
         )

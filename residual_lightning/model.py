@@ -192,8 +192,11 @@ class ResidualModel(L.LightningModule):
         return prototypes(torch.cat(embs), torch.cat(labels), len(self.class_names))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Create the adapter with the right shapes before Lightning loads its state."""
-        if self.adapter is None and self.method != "finetune":
+        """Create the adapter (or the fine-tuned tower) before Lightning loads its state."""
+        if self.method == "finetune":
+            if self.finetuned is None:
+                self.finetuned = self.backbone_spec.load(self.device).model.visual
+        elif self.adapter is None:
             self._build_adapter(None)
 
     def num_learned(self) -> int:
@@ -218,7 +221,10 @@ class ResidualModel(L.LightningModule):
         if self.method == "finetune":
             images, labels = batch
             logits = self.logits_from_embedding(self.finetuned(images).float())
-            zs_logits = logits.detach()
+            zs_logits = None
+            if stage != "train":  # zero-shot of the frozen backbone on the same images
+                with torch.no_grad():
+                    zs_logits = self.logits_from_embedding(self.backbone().encode_image(images).float())
         else:
             batch = batch.float()
             labels = batch.label
@@ -234,7 +240,8 @@ class ResidualModel(L.LightningModule):
         m = self.metrics[f"{stage}_"]
         m["accuracy"].update(logits, labels)
         m["top5"].update(logits, labels)
-        m["zeroshot_accuracy"].update(zs_logits, labels)
+        if zs_logits is not None:
+            m["zeroshot_accuracy"].update(zs_logits, labels)
         m["loss"].update(loss.detach(), weight=labels.shape[0])
         if stage == "test":
             self.test_per_class.update(logits, labels)
@@ -263,7 +270,7 @@ class ResidualModel(L.LightningModule):
         m = self.metrics[f"{stage}_"]
         if m["loss"].update_count == 0:
             return
-        values = {f"{stage}/{name}": metric.compute() for name, metric in m.items()}
+        values = {f"{stage}/{name}": metric.compute() for name, metric in m.items() if metric.update_count}
         self.log_dict(values, prog_bar=stage == "val", sync_dist=True)  # already synced by torchmetrics
         for metric in m.values():
             metric.reset()
@@ -342,6 +349,10 @@ class ResidualModel(L.LightningModule):
     # ------------------------------------------------------------------ finetune and predict
 
     def _setup_finetune(self, dm) -> None:
+        if getattr(dm, "mode", "images") != "images":
+            raise ValueError(
+                "finetune trains on images: set data.mode: images (the CLI links it from model.method)"
+            )
         bb = self.backbone_spec.load(self.device)
         weights, scale = dm.classifier()
         self.classifier.copy_(weights)
@@ -354,9 +365,11 @@ class ResidualModel(L.LightningModule):
         if self._backbone is None:
             dm = self.trainer.datamodule if self._trainer is not None else None
             if dm is not None and getattr(dm, "backbone", None) == self.backbone_spec:
-                self._backbone = dm.loaded_backbone().model.to(self.device)  # loaded once per process
+                model = dm.loaded_backbone().model.to(self.device)  # loaded once per process
             else:
-                self._backbone = self.backbone_spec.load(self.device).model
+                model = self.backbone_spec.load(self.device).model
+            # Bypass nn.Module.__setattr__: a registered submodule would land in the state_dict.
+            object.__setattr__(self, "_backbone", model)
         return self._backbone
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:

@@ -110,3 +110,23 @@ def test_checkpoint_round_trip_and_schedule_free_eval_weights(dm, tmp_path):
 def test_unknown_method_is_refused(dm):
     with pytest.raises(ValueError, match="valid: residual"):
         make_model(dm, "residul")
+
+
+def test_finetune_trains_the_vision_tower_on_images(tmp_path):
+    L.seed_everything(0)
+    data = ResidualDataModule(
+        dataset="digits",
+        cache_dir=str(tmp_path / "c"),
+        dataset_options={"image_size": 64},
+        mode="images",
+        batch_size=128,
+    )
+    model = ResidualModel(
+        method="finetune", lr=1e-4, class_names=data.class_names, shape=data.shape, backbone=data.backbone
+    )
+    t = trainer(tmp_path, epochs=1, gradient_clip_val=1.0)
+    t.fit(model, data)
+    res = t.test(model, data, verbose=False)[0]
+    assert res["test/accuracy"] > res["test/zeroshot_accuracy"] + 0.1, res
+    assert model.num_learned() > 1_000_000
+    assert not any(k.startswith("_backbone") for k in model.state_dict())

@@ -140,6 +140,8 @@ class ResidualDataModule(L.LightningDataModule):
         seed: seed of the training batch order (a function of seed and epoch).
         predict_path: for ``predict``: a folder of images (searched recursively) or an image
             file; default: the images of the test part.
+        mode: ``cache`` (batches of cached contributions) or ``images`` (preprocessed images, for
+            ``finetune``; the CLI sets it from ``model.method``).
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class ResidualDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         seed: int = 0,
         predict_path: str | None = None,
+        mode: Literal["cache", "images"] = "cache",
     ) -> None:
         super().__init__()
         self.backbone = backbone or BackboneSpec()
@@ -187,6 +190,8 @@ class ResidualDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
         self.predict_path = predict_path
+        self.mode = mode
+        self.images: dict[str, Dataset] = {}
         self.caches: dict[str, ActivationCache] = {}
         self._backbone = None
         self._class_names: list[str] | None = list(self.spec.class_names) if self.spec.class_names else None
@@ -278,11 +283,20 @@ class ResidualDataModule(L.LightningDataModule):
         """What determines the images fed to the backbone besides its name and weights.
 
         Images go through open_clip's own eval transform of the backbone (no augmentation, so the
-        cached contributions are exact for training), so the open_clip version pins it.
+        cached contributions are exact for training), so the open_clip version pins it; a cache
+        extracted under mixed precision records it too.
         """
         import open_clip
 
-        return f"open_clip-eval-{open_clip.__version__}"
+        amp = self.amp_dtype()
+        return f"open_clip-eval-{open_clip.__version__}" + (
+            f"|autocast-{amp}".replace("torch.", "") if amp else ""
+        )
+
+    def amp_dtype(self) -> torch.dtype | None:
+        """Autocast dtype of extraction, from the trainer's precision (``bf16-mixed``, ``16-mixed``)."""
+        precision = str(getattr(self.trainer, "precision", "32")) if self.trainer is not None else "32"
+        return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
 
     def cache_paths(self) -> dict[str, Path]:
         """Folder of each part's cache."""
@@ -313,6 +327,12 @@ class ResidualDataModule(L.LightningDataModule):
         """Build missing caches and the text classifier (one process). Nothing to do when all exist."""
         from residual_lightning.classifier import load_or_build_classifier
 
+        if self.mode == "images":  # finetune reads images: only the text classifier is prepared
+            if not self._classifier_path_exists():
+                load_or_build_classifier(
+                    self.loaded_backbone(), self.class_names, self.templates, self.cache_dir
+                )
+            return
         missing = self.missing()
         if not missing and self._classifier_path_exists():
             return
@@ -329,6 +349,7 @@ class ResidualDataModule(L.LightningDataModule):
                 job,
                 batch_size=self.extract_batch_size,
                 chunk_size=self.chunk_size,
+                autocast_dtype=self.amp_dtype(),
                 num_workers=self.num_workers,
                 on_mismatch=self.on_mismatch,
             )
@@ -352,7 +373,10 @@ class ResidualDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Open the (already built) caches of every part; verified on open. Predict needs no cache."""
-        if stage == "predict" or self.caches:
+        if stage == "predict" or self.caches or self.images:
+            return
+        if self.mode == "images":
+            self.images = self._load_parts(self.loaded_backbone().transform)
             return
         pre = self.preprocessing()
         for part, path in self.cache_paths().items():
@@ -416,8 +440,15 @@ class ResidualDataModule(L.LightningDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
     def _loader(self, part: str, train: bool) -> DataLoader:
-        cache = self.caches[part]
         rank, world = self._rank_world()
+        if self.mode == "images":
+            data = self.images[part]
+            size = max(1, self.batch_size // world) if train else self.extract_batch_size
+            sampler = EpochBatchSampler(len(data), size, train, self.seed, rank, world)
+            return DataLoader(
+                data, batch_sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory
+            )
+        cache = self.caches[part]
         if train:
             per_device = max(1, self.batch_size // world)
             sampler = EpochBatchSampler(len(cache), per_device, True, self.seed, rank, world, drop_last=False)
