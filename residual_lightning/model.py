@@ -20,7 +20,7 @@ import torchmetrics
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from residual_lightning.adapters import METHODS, Adapter, build_adapter
+from residual_lightning.adapters import METHODS, Adapter, build_adapter, method_options
 from residual_lightning.data.batch import CachedBatch, embedding
 from residual_lightning.spectral import PCABasis, UnitBases
 from residual_lightning.units import EQUAL_SHARE_EXTRA, BackboneSpec, decompose_compact
@@ -102,6 +102,13 @@ class ResidualModel(L.LightningModule):
             raise ValueError("shape (L, H, k, D) is missing: link it from the data module (the CLI does)")
         if isinstance(backbone, dict):  # how checkpoints store it
             backbone = BackboneSpec(**backbone)
+        if method != "finetune":
+            valid = method_options(method)
+            wrong = [k for k in (adapter or {}) if k not in valid]
+            if wrong:
+                raise ValueError(
+                    f"model.adapter option(s) {wrong} do not apply to method {method!r}; its options: {', '.join(valid)}"
+                )
         self.save_hyperparameters(ignore=["optimizer", "backbone"])
         # A plain dict, so that checkpoints load with torch.load(weights_only=True).
         self.hparams["backbone"] = asdict(backbone or BackboneSpec())
@@ -192,7 +199,24 @@ class ResidualModel(L.LightningModule):
         return prototypes(torch.cat(embs), torch.cat(labels), len(self.class_names))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Create the adapter (or the fine-tuned tower) before Lightning loads its state."""
+        """Refuse a checkpoint of another backbone/method/shape; create the adapter before its state loads."""
+        saved = checkpoint.get("hyper_parameters", {})
+        mine = {
+            "backbone": asdict(self.backbone_spec),
+            "method": self.method,
+            "shape": tuple(self.hparams.shape),
+        }
+        theirs = {
+            "backbone": saved.get("backbone"),
+            "method": saved.get("method"),
+            "shape": tuple(saved["shape"]) if saved.get("shape") is not None else None,
+        }
+        for field in ("backbone", "method", "shape"):
+            if theirs[field] is not None and theirs[field] != mine[field]:
+                raise ValueError(
+                    f"checkpoint was trained with {field}={theirs[field]}, but this run has {field}={mine[field]}: "
+                    "pass the config the checkpoint was trained with (or a checkpoint of this backbone)"
+                )
         if self.method == "finetune":
             if self.finetuned is None:
                 self.finetuned = self.backbone_spec.load(self.device).model.visual
@@ -234,7 +258,7 @@ class ResidualModel(L.LightningModule):
         loss = F.cross_entropy(logits, labels)
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"{stage} loss is {loss.item()} at batch {self.trainer.global_step if self.trainer else '?'}: "
+                f"{stage} loss is {loss.item()} at step {self._trainer.global_step if self._trainer else '?'}: "
                 "lower the learning rate or check the cache for NaN/Inf"
             )
         m = self.metrics[f"{stage}_"]

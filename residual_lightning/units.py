@@ -521,7 +521,7 @@ class BackboneSpec:
     def weights_id(self) -> str:
         """Identity of the weights: the tag, ``file-<sha256>`` of a local file, or ``random``."""
         if self.pretrained is None:
-            return "random"
+            return "random-seed0"
         if os.path.isfile(self.pretrained):
             return f"file-{file_digest(self.pretrained)}"
         return self.pretrained
@@ -592,7 +592,7 @@ def load_backbone(
             f"unknown open_clip model {model_name!r}.{hint} See open_clip.list_models() for all "
             f"{len(models)} names."
         )
-    weights_id = "random"
+    weights_id = "random-seed0"
     if pretrained is not None:
         if (
             os.path.sep in pretrained

@@ -185,7 +185,7 @@ def test_load_backbone_offline_message():
 
 def test_load_backbone_tiny_and_local_checkpoint(tmp_path):
     bb = load_backbone("RL-Tiny-ViT-64")
-    assert bb.weights_id == "random" and unit_layout(bb.model).layers == 4
+    assert bb.weights_id == "random-seed0" and unit_layout(bb.model).layers == 4
     path = tmp_path / "tiny.pt"
     torch.save(bb.model.state_dict(), path)
     bb2 = load_backbone("RL-Tiny-ViT-64", pretrained=str(path))

@@ -373,9 +373,21 @@ def _handle_mismatch(path: Path, err: CacheError, on_mismatch: OnMismatch) -> No
     remove_cache(path)
 
 
-def remove_cache(path: Path) -> None:
-    """Delete one cache folder, refusing anything that does not look like a cache."""
+def remove_cache(path: Path, root: Path | None = None) -> None:
+    """Delete one cache folder, refusing anything that is not a cache folder inside `root`.
+
+    Args:
+        path: the cache folder.
+        root: the cache root it must lie in (default: its parent); symbolic links are refused.
+    """
     path = Path(path)
+    root = Path(root) if root is not None else path.parent
+    if (
+        path.is_symlink()
+        or not path.resolve().is_relative_to(root.resolve())
+        or path.resolve() == root.resolve()
+    ):
+        raise CacheError(f"refusing to delete {path}: not a folder inside the cache root {root}")
     if not (path / "meta.json").exists() and not (path / "heads.npy").exists():
         raise CacheError(f"refusing to delete {path}: it is not a cache folder")
     shutil.rmtree(path)
