@@ -30,11 +30,15 @@ test: install  ## the whole test suite, slow tests included (what CI runs)
 test-fast: install  ## the suite without the slow tests
 	$(PY) -m pytest -q -m "not slow"
 
-demo: install  ## the offline quickstart (random weights, bundled digits data)
-	$(VENV)/bin/residual-lightning demo
+demo: install  ## the offline quickstart: extract, fit, test (random weights, bundled digits data)
+	$(VENV)/bin/residual-lightning fit --config configs/quickstart.yaml
 
-bench: install  ## speed and memory benchmarks (ratios against a baseline in the same run)
+bench: install  ## speed and memory benchmarks (ratios against a baseline in the same run; ~30 min on 2 cores)
 	$(PY) benchmarks/decompose.py
+	$(PY) benchmarks/cache.py
+	$(PY) benchmarks/train.py
+	$(PY) benchmarks/pca.py
+	$(PY) benchmarks/twonn.py
 
 clean:  ## remove caches and logs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache lightning_logs runs

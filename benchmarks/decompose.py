@@ -125,7 +125,9 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
-    print(f"batch {args.batch}, {args.threads} CPU threads, random weights, median of {args.repeats} interleaved pairs\n")
+    print(
+        f"batch {args.batch}, {args.threads} CPU threads, random weights, median of {args.repeats} interleaved pairs\n"
+    )
     print(
         "| model | encode_image s | decompose s | ratio | encode_image extra MB | decompose extra MB | extra over encode_image MB |"
     )
