@@ -315,12 +315,17 @@ class ResidualDataModule(L.LightningDataModule):
         return torch.device(self.extract_device)
 
     def missing(self) -> list[str]:
-        """Parts whose cache is not complete and valid."""
+        """Parts whose cache is not complete and valid.
+
+        Checksums are verified here only with ``on_mismatch: rebuild`` (so a corrupt cache is
+        rebuilt by `prepare_data`); otherwise `setup` verifies them and raises.
+        """
         pre = self.preprocessing()
+        verify = self.on_mismatch == "rebuild"
         return [
             p
             for p, path in self.cache_paths().items()
-            if open_or_none(path, self.key(p, pre), self.on_mismatch, verify=False) is None
+            if open_or_none(path, self.key(p, pre), self.on_mismatch, verify=verify) is None
         ]
 
     def prepare_data(self) -> None:
