@@ -77,6 +77,12 @@ class ResidualCLI(LightningCLI):
             "data", "model.class_names", compute_fn=lambda dm: dm.class_names, apply_on="instantiate"
         )
         parser.link_arguments("data", "model.shape", compute_fn=lambda dm: dm.shape, apply_on="instantiate")
+        parser.add_argument(
+            "--report",
+            type=bool,
+            default=True,
+            help="after fit: write report.md with plots beside the logs (and to TensorBoard); see docs/analysis.md",
+        )
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -120,6 +126,23 @@ class ResidualCLI(LightningCLI):
         )
         if self.trainer.is_global_zero:
             print_summary(self.model, results[0] if results else {}, best, self.trainer)
+            if (
+                self.config[self.subcommand].get("report")
+                and best
+                and self.model.method not in ("zeroshot", "finetune")
+            ):
+                self._write_report(best)
+
+    def _write_report(self, ckpt: str) -> None:
+        """The analysis report of the best checkpoint, beside the logs and in TensorBoard."""
+        from residual_lightning.analysis.report import log_report_to_tensorboard, write_report
+
+        out = Path(getattr(self.trainer.logger, "log_dir", None) or self.trainer.default_root_dir) / "report"
+        path = write_report(ckpt, out, datamodule=self.datamodule)
+        exp = getattr(self.trainer.logger, "experiment", None)
+        if hasattr(exp, "add_text"):
+            log_report_to_tensorboard(exp, out)
+        print(f"report: {path}")
 
 
 def print_summary(model: ResidualModel, metrics: dict, best: str | None, trainer: Trainer) -> None:

@@ -66,6 +66,10 @@ def test_fit_writes_scalars_images_and_summary(tmp_path, cache, capsys):
         assert scalar in t["scalars"], (scalar, t["scalars"])
     for image in ("adapter/lambda", "spectra/explained_variance", "test/confusion_matrix"):
         assert image in t["images"], (image, t["images"])
+    report = (logdir / "report" / "report.md").read_text()
+    assert (
+        "learned parameters" in report and (logdir / "report" / "lambda_movement.png").stat().st_size > 1000
+    )
     ckpts = sorted(p.name for p in (logdir / "checkpoints").iterdir())
     assert "last.ckpt" in ckpts and any(c.startswith("best-epoch") for c in ckpts)
     assert all("/" not in c for c in ckpts)

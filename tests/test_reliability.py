@@ -175,3 +175,27 @@ def test_same_seed_gives_identical_lambdas(tmp_path):
         runs.append({k: v.clone() for k, v in model.state_dict().items() if k.endswith("_lambdas")})
     assert runs[0].keys() == runs[1].keys() and runs[0]
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_corrupt_cache_is_rebuilt_by_the_datamodule_when_asked(tmp_path):
+    from residual_lightning.data.datamodule import ResidualDataModule
+
+    def dm(mode):
+        return ResidualDataModule(
+            dataset="digits", cache_dir=str(tmp_path), dataset_options={"image_size": 64}, on_mismatch=mode
+        )
+
+    first = dm("error")
+    first.prepare_data()
+    val = first.cache_paths()["val"]
+    arr = np.load(val / "heads.npy", mmap_mode="r+")
+    arr[3, 0, 0, 0] += 1
+    arr.flush()
+    del arr
+    with pytest.raises(CacheError, match="checksum mismatch"):
+        dm("error").setup("fit")
+    fixed = dm("rebuild")
+    with pytest.warns(UserWarning, match="rebuilding"):
+        fixed.prepare_data()
+    fixed.setup("fit")
+    assert len(fixed.caches["val"]) == 360
