@@ -78,6 +78,7 @@ def test_reopen_is_fast_and_reads_by_memory_map(tmp_path):
     assert isinstance(cache.arrays["heads"], np.memmap)
 
 
+@pytest.mark.slow
 def test_killed_extraction_resumes_to_identical_cache(tmp_path):
     ref_model, ref_job = make_job(str(tmp_path / "ref"))
     build_cache(ref_model, ref_job, batch_size=16, chunk_size=32, progress=False)
@@ -129,6 +130,7 @@ def test_cache_for_another_key_is_refused(tmp_path):
         ActivationCache.open(job.path, other)
 
 
+@pytest.mark.slow
 def test_two_concurrent_builders_leave_one_valid_cache(tmp_path):
     cmd = [sys.executable, "-c", BUILD, str(tmp_path), "64", "0.05"]
     procs = [

@@ -128,6 +128,7 @@ def lambdas(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.endswith("_lambdas")}
 
 
+@pytest.mark.slow
 def test_killed_fit_resumes_from_last_ckpt_to_the_same_result(tmp_path, cache):
     full = tmp_path / "full"
     main(["fit", *args(full, cache, "--trainer.max_epochs", "4", "--early_stopping.patience", "100")])
@@ -174,6 +175,7 @@ def best_val(tmp: Path) -> float:
     return float(ckpt.stem.split("acc")[-1])
 
 
+@pytest.mark.slow
 def test_two_process_ddp_extracts_one_cache_and_matches_one_process(tmp_path):
     from residual_lightning.data.cache import ActivationCache
 

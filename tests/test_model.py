@@ -112,6 +112,7 @@ def test_unknown_method_is_refused(dm):
         make_model(dm, "residul")
 
 
+@pytest.mark.slow
 def test_finetune_trains_the_vision_tower_on_images(tmp_path):
     L.seed_everything(0)
     data = ResidualDataModule(

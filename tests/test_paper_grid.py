@@ -9,6 +9,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import pytest
+
 from residual_lightning.units import layout_from_config
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_grid.py"
@@ -31,6 +33,7 @@ def test_mean_std_format():
     assert grid.mean_std([]) == "—"
 
 
+@pytest.mark.slow
 def test_offline_grid(tmp_path):
     grid = load_grid()
     out, cache = tmp_path / "out", str(tmp_path / "cache")

@@ -153,6 +153,7 @@ def test_missing_ckpt_path_is_named(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_lambdas(tmp_path):
     from residual_lightning.data.datamodule import ResidualDataModule
 
