@@ -1,0 +1,497 @@
+"""Unit-selection ablation (method.md §4): keep the top-k heads by a score, replace the others.
+
+The image embedding is rebuilt from a cache as ``emb + sum of MLPs + kept heads`` (plus the
+dataset means of the removed heads with ``replace="mean"``) and classified with the text
+classifier. Heads are ranked on the VALIDATION cache and accuracies are measured on the TEST
+cache, so the selection never sees test data.
+
+Scores per head (L, H), larger is better:
+
+- ``zeroshot``: accuracy of the head's contribution alone with the text classifier
+  (``argmax_c <c_{l,h}(x), w_c>``).
+- ``text_corr``: correlation of the head with the full output, both projected on the text
+  classifier's subspace (the span of the C class vectors).
+- ``output_corr``: the same correlation in the full D-dimensional output space.
+- ``random``: uniform random scores from a seeded generator (a baseline; several seeds).
+
+"Correlation" follows the authors' ``score_unit_correlation`` (Flegyas/ResiDual, a variant of
+arXiv 2406.01583): given an orthonormal basis Q (D, J) of the subspace (from a QR of the class
+vectors for ``text_corr``, the identity for ``output_corr``), project the head's contribution and
+the output z on it, take for every coordinate j the Pearson correlation over the samples,
+
+    rho_j = cov_n(<c_n, q_j>, <z_n, q_j>) / (std_n <c_n, q_j> * std_n <z_n, q_j>),
+
+and average over the J coordinates (a coordinate where either side is constant counts 0). The
+authors divide a biased covariance by unbiased standard deviations, which scales every score by
+(N - 1) / N; here both are biased, so rho_j is an exact Pearson correlation (same ranking). All of
+it comes from streamed first and second moments of the compact head coordinates y and of z,
+``c = A y`` (so ``<c, q_j> = <y, A^T q_j>``): no (N, L*H, D) tensor is ever built.
+
+Ablations run in logit space: ``z . w_c`` is linear in the units, so per-head logits (N, L, H, C)
+are computed once per cache batch and every keep mask is a weighted sum of them. Accuracy does
+not depend on the logit scale or on normalising z (a positive factor per sample), so the scaled
+cosine logits of `ResidualModel` rank classes exactly like these.
+
+Letters: N samples, L layers, H heads per layer, k compact head coordinates, D embedding size,
+C classes, Q keep masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SCORES",
+    "ablate",
+    "ablation_accuracy",
+    "head_means",
+    "head_scores",
+    "plot_selection_curve",
+    "random_scores",
+    "selection_curve",
+    "top_k_mask",
+]
+
+SCORES: tuple[str, ...] = ("zeroshot", "text_corr", "output_corr", "random")
+Replace = Literal["zero", "mean"]
+# Largest per-batch intermediate, in elements (2**25 float64 = 256 MiB): per-head logits are
+# (n, L, H, C), which for ImageNet's 1000 classes bounds a batch to a few hundred samples.
+_MAX_ELEMENTS = 2**25
+
+
+def _rows(batch_size: int, per_row: int) -> int:
+    """Samples per cache read so that an (n, per_row) intermediate stays under `_MAX_ELEMENTS`."""
+    return max(1, min(batch_size, _MAX_ELEMENTS // max(per_row, 1)))
+
+
+def _weights(classifier: Tensor | tuple[Tensor, float]) -> Tensor:
+    """(C, D) classifier weights from a tensor or a ``(weights, logit_scale)`` pair."""
+    w = classifier[0] if isinstance(classifier, tuple | list) else classifier
+    w = torch.as_tensor(w)
+    if w.ndim != 2:
+        raise ValueError(f"classifier must be a (C, D) matrix, got shape {tuple(w.shape)}")
+    return w
+
+
+def _head_names(layers: int, heads: int) -> list[str]:
+    return [f"l{layer}.h{h}" for layer in range(layers) for h in range(heads)]
+
+
+# --------------------------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------------------------
+
+
+def random_scores(layers: int, heads: int, seed: int) -> Tensor:
+    """(L, H) uniform random scores from a generator seeded with `seed`.
+
+    Args:
+        layers: L.
+        heads: H.
+        seed: generator seed.
+    """
+    return torch.rand(layers, heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _correlation(maps: Tensor, basis: Tensor, c_yy: Tensor, c_yz: Tensor, c_zz: Tensor) -> Tensor:
+    """(L, H) mean over the basis coordinates of the per-coordinate Pearson correlations.
+
+    Args: maps (L, H, D, k), basis (D, J), covariances of y (L, H, k, k), of y with z
+    (L, H, k, D) and of z (D, D).
+    """
+    g = torch.einsum("lhdk,dj->lhkj", maps, basis)  # (L, H, k, J): y -> projected contribution
+    cov = torch.einsum("lhkj,lhkd,dj->lhj", g, c_yz, basis)  # (L, H, J)
+    var_x = torch.einsum("lhkj,lhki,lhij->lhj", g, c_yy, g).clamp_min(0.0)  # (L, H, J)
+    var_z = torch.einsum("dj,de,ej->j", basis, c_zz, basis).clamp_min(0.0)  # (J,)
+    denom = (var_x * var_z).sqrt()
+    tiny = 1e-12 * float(denom.max()) if denom.numel() else 0.0
+    rho = torch.where(denom > tiny, cov / denom.clamp_min(1e-300), torch.zeros_like(cov))
+    return rho.mean(-1)
+
+
+@torch.no_grad()
+def head_scores(
+    cache: Any,
+    classifier: Tensor | tuple[Tensor, float],
+    scores: Sequence[str] = ("zeroshot", "text_corr", "output_corr"),
+    batch_size: int = 2048,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """Per-head scores on a cache, in one streamed pass (see the module docstring).
+
+    Args:
+        cache: an `ActivationCache` (the VALIDATION part for a selection).
+        classifier: (C, D) text classifier, or the ``(weights, logit_scale)`` pair of
+            `ResidualDataModule.classifier()`.
+        scores: names among `SCORES`.
+        batch_size: samples per cache read.
+        seed: seed of the ``random`` score.
+
+    Returns:
+        ``{score: (L, H) float64 tensor}``.
+    """
+    unknown = set(scores) - set(SCORES)
+    if unknown:
+        raise ValueError(f"unknown score(s) {sorted(unknown)}; valid: {', '.join(SCORES)}")
+    maps = cache.head_maps.double()  # (L, H, D, k)
+    layers, heads, dim, _ = maps.shape
+    w = _weights(classifier).double()  # (C, D)
+    if w.shape[1] != dim:
+        raise ValueError(f"classifier has D={w.shape[1]}, the cache's heads D={dim}")
+    out: dict[str, Tensor] = {}
+    if "random" in scores:
+        out["random"] = random_scores(layers, heads, seed)
+    want_zs = "zeroshot" in scores
+    want_corr = bool({"text_corr", "output_corr"} & set(scores))
+    if not (want_zs or want_corr):
+        return out
+    head_logit_maps = torch.einsum("lhdk,cd->lhkc", maps, w)  # (L, H, k, C)
+    correct = torch.zeros(layers, heads, dtype=torch.float64)
+    n = 0
+    m: dict[str, Tensor] = {}
+    rows = _rows(batch_size, layers * heads * w.shape[0]) if want_zs else batch_size
+    for batch in cache.iter_batches(rows):
+        y = batch.heads.double()  # (n, L, H, k)
+        label = batch.label
+        if want_zs:
+            logits = torch.einsum("nlhk,lhkc->nlhc", y, head_logit_maps)  # (n, L, H, C)
+            correct += (logits.argmax(-1) == label[:, None, None]).double().sum(0)
+        if want_corr:
+            z = (
+                batch.emb.double() + batch.mlps.double().sum(1) + torch.einsum("lhdk,nlhk->nd", maps, y)
+            )  # (n, D)
+            if not m:
+                # Moments about the first batch's means keep float64 sums well conditioned.
+                m = {"y0": y.mean(0), "z0": z.mean(0)}
+                m.update(
+                    sy=torch.zeros_like(m["y0"]),
+                    sz=torch.zeros_like(m["z0"]),
+                    syy=torch.zeros(layers, heads, y.shape[-1], y.shape[-1], dtype=torch.float64),
+                    syz=torch.zeros(layers, heads, y.shape[-1], dim, dtype=torch.float64),
+                    szz=torch.zeros(dim, dim, dtype=torch.float64),
+                )
+            yc, zc = y - m["y0"], z - m["z0"]
+            m["sy"] += yc.sum(0)
+            m["sz"] += zc.sum(0)
+            m["syy"] += torch.einsum("nlhk,nlhj->lhkj", yc, yc)
+            m["syz"] += torch.einsum("nlhk,nd->lhkd", yc, zc)
+            m["szz"] += zc.T @ zc
+        n += len(batch)
+    if n < 2:
+        raise ValueError("head scores need at least 2 samples")
+    if want_zs:
+        out["zeroshot"] = correct / n
+    if want_corr:
+        my, mz = m["sy"] / n, m["sz"] / n  # shifted means
+        c_yy = m["syy"] / n - torch.einsum("lhk,lhj->lhkj", my, my)
+        c_yz = m["syz"] / n - torch.einsum("lhk,d->lhkd", my, mz)
+        c_zz = m["szz"] / n - torch.outer(mz, mz)
+        if "text_corr" in scores:
+            basis = torch.linalg.qr(w.T).Q  # (D, min(C, D)): orthonormal basis of the class span
+            out["text_corr"] = _correlation(maps, basis, c_yy, c_yz, c_zz)
+        if "output_corr" in scores:
+            out["output_corr"] = _correlation(maps, torch.eye(dim, dtype=torch.float64), c_yy, c_yz, c_zz)
+    return {name: out[name] for name in scores}
+
+
+@torch.no_grad()
+def head_means(cache: Any, batch_size: int = 4096) -> Tensor:
+    """(L, H, D) mean contribution of every head over a cache (the ``mean`` replacement).
+
+    Args:
+        cache: an `ActivationCache`.
+        batch_size: samples per cache read.
+    """
+    total, n = None, 0
+    for batch in cache.iter_batches(batch_size):
+        s = batch.heads.double().sum(0)  # (L, H, k)
+        total = s if total is None else total + s
+        n += len(batch)
+    if not n:
+        raise ValueError("the cache is empty")
+    return torch.einsum("lhdk,lhk->lhd", cache.head_maps.double(), total / n)  # (L, H, D)
+
+
+# --------------------------------------------------------------------------------------------
+# Ablation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def ablation_accuracy(
+    cache: Any,
+    classifier: Tensor | tuple[Tensor, float],
+    keep: Tensor,
+    replace: Replace = "zero",
+    means: Tensor | None = None,
+    batch_size: int = 2048,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """Accuracies of many keep masks at once: ``emb + MLPs + kept heads (+ removed heads' means)``.
+
+    Args:
+        cache: an `ActivationCache` (the TEST part for a selection curve).
+        classifier: (C, D) classifier, or a ``(weights, logit_scale)`` pair.
+        keep: (Q, L, H) or (L, H) boolean masks of the heads to keep.
+        replace: ``"zero"`` drops the other heads, ``"mean"`` replaces each by its mean.
+        means: (L, H, D) head means for ``"mean"``; None computes them on `cache` itself.
+        batch_size: samples per cache read.
+        dtype: compute dtype (float64 keeps exact ties away).
+
+    Returns:
+        (Q,) accuracies (a 0-dim tensor for a single (L, H) mask).
+    """
+    if replace not in ("zero", "mean"):
+        raise ValueError(f"unknown replace={replace!r}; valid: zero, mean")
+    maps = cache.head_maps.to(dtype)  # (L, H, D, k)
+    layers, heads = maps.shape[:2]
+    single = keep.ndim == 2
+    keep = torch.as_tensor(keep).bool().reshape(-1, layers, heads).to(dtype)  # (Q, L, H)
+    w = _weights(classifier).to(dtype)  # (C, D)
+    head_logit_maps = torch.einsum("lhdk,cd->lhkc", maps, w)  # (L, H, k, C)
+    offset = torch.zeros(keep.shape[0], w.shape[0], dtype=dtype)  # (Q, C)
+    if replace == "mean":
+        means = head_means(cache) if means is None else means
+        mean_logits = means.to(dtype) @ w.T  # (L, H, C)
+        offset = torch.einsum("qlh,lhc->qc", 1.0 - keep, mean_logits)
+    correct = torch.zeros(keep.shape[0], dtype=torch.float64)
+    n = 0
+    rows = _rows(batch_size, max(layers * heads, keep.shape[0]) * w.shape[0])
+    for batch in cache.iter_batches(rows):
+        base = (batch.emb.to(dtype) + batch.mlps.to(dtype).sum(1)) @ w.T  # (n, C)
+        per_head = torch.einsum("nlhk,lhkc->nlhc", batch.heads.to(dtype), head_logit_maps)  # (n, L, H, C)
+        logits = base + torch.einsum("qlh,nlhc->qnc", keep, per_head) + offset[:, None]  # (Q, n, C)
+        correct += (logits.argmax(-1) == batch.label).double().sum(1)
+        n += len(batch)
+    acc = correct / max(n, 1)
+    return acc[0] if single else acc
+
+
+def ablate(
+    cache: Any,
+    classifier: Tensor | tuple[Tensor, float],
+    keep: Tensor,
+    replace: Replace = "zero",
+    means: Tensor | None = None,
+) -> float:
+    """Accuracy with only the `keep` heads (the others zeroed or replaced by their means).
+
+    Args:
+        cache: an `ActivationCache`.
+        classifier: (C, D) classifier, or a ``(weights, logit_scale)`` pair.
+        keep: (L, H) boolean mask of the heads to keep.
+        replace: ``"zero"`` or ``"mean"``.
+        means: (L, H, D) head means for ``"mean"``; None computes them on `cache`.
+
+    Returns:
+        The accuracy, in [0, 1].
+    """
+    return float(ablation_accuracy(cache, classifier, torch.as_tensor(keep), replace, means))
+
+
+def top_k_mask(score: Tensor, k: int) -> Tensor:
+    """(L, H) mask of the k highest-scoring heads; ties go to the earlier head (layer-major).
+
+    Args:
+        score: (L, H) scores.
+        k: heads to keep.
+    """
+    flat = score.reshape(-1)
+    order = torch.sort(-flat, stable=True).indices
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.reshape(score.shape)
+
+
+def _num_heads(fraction: float | int, total: int) -> int:
+    """Heads kept for a fraction: an int is a count (1 = "1 head"), a float a share of L*H."""
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+        raise TypeError(f"fractions are head counts (int) or shares (float), got {fraction!r}")
+    if isinstance(fraction, int):
+        return min(max(fraction, 0), total)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"a share of heads must be in [0, 1], got {fraction}")
+    return min(total, max(1, round(fraction * total)))
+
+
+def selection_curve(
+    val_cache: Any,
+    test_cache: Any,
+    classifier: Tensor | tuple[Tensor, float],
+    logit_scale: float | None = None,
+    fractions: Sequence[float | int] = (1, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75),
+    scores: Sequence[str] = SCORES,
+    replace: Sequence[Replace] = ("zero", "mean"),
+    seeds: int = 10,
+    batch_size: int = 2048,
+) -> list[dict[str, Any]]:
+    """Test accuracy when keeping the top-k heads by each score (scores and means on validation).
+
+    Args:
+        val_cache: cache the heads are scored on (and whose head means replace removed heads).
+        test_cache: cache the accuracies are measured on.
+        classifier: (C, D) text classifier, or the ``(weights, logit_scale)`` pair.
+        logit_scale: accepted for symmetry with `ResidualDataModule.classifier()`; accuracy does not
+            depend on it.
+        fractions: heads to keep: an int is a count (``1`` = one head), a float a share of the
+            L*H heads (rounded, at least one head).
+        scores: names among `SCORES`.
+        replace: replacements of the removed heads: ``"zero"`` and/or ``"mean"``.
+        seeds: number of seeds of the ``random`` score (rows report their mean and std).
+        batch_size: samples per cache read.
+
+    Returns:
+        Rows (dicts) with keys score, replace, target (the requested fraction), fraction (k / L*H),
+        k, test_accuracy, std (over seeds; 0 otherwise), seeds and heads (the kept heads,
+        space-separated; empty for ``random``). A first row with score ``full`` holds the
+        accuracy of the unablated model.
+    """
+    del logit_scale  # argmax is invariant to it
+    layers, heads = val_cache.head_maps.shape[:2]
+    total = layers * heads
+    names = _head_names(layers, heads)
+    ks = [_num_heads(f, total) for f in fractions]
+    fixed = [s for s in scores if s != "random"]
+    ranked = head_scores(val_cache, classifier, fixed, batch_size=batch_size)
+    if "random" in scores:
+        for seed in range(seeds):
+            ranked[f"random:{seed}"] = random_scores(layers, heads, seed)
+    labels = list(ranked)
+    unique = sorted(set(ks))  # several targets may round to the same k: evaluate each k once
+    masks = torch.stack([top_k_mask(ranked[s], k) for s in labels for k in unique])  # (S * K, L, H)
+    masks = torch.cat([torch.ones(1, layers, heads, dtype=torch.bool), masks])  # full model first
+    means = head_means(val_cache) if "mean" in replace else None
+    rows: list[dict[str, Any]] = []
+    for rep in replace:
+        acc = ablation_accuracy(test_cache, classifier, masks, rep, means, batch_size=batch_size)
+        if not rows:
+            full = float(acc[0])
+            rows.append(
+                dict(
+                    score="full",
+                    replace="none",
+                    target=1.0,
+                    fraction=1.0,
+                    k=total,
+                    test_accuracy=full,
+                    std=0.0,
+                    seeds=1,
+                    heads=" ".join(names),
+                )
+            )
+        acc = acc[1:].reshape(len(labels), len(unique))  # (S, K)
+        for score in scores:
+            idx = [i for i, s in enumerate(labels) if s == score or s.startswith(f"{score}:")]
+            for target, k in zip(fractions, ks):
+                j = unique.index(k)
+                values = acc[idx, j]
+                kept = (
+                    ""
+                    if score == "random"
+                    else " ".join(
+                        n
+                        for n, m in zip(names, masks[1 + idx[0] * len(unique) + j].reshape(-1).tolist())
+                        if m
+                    )
+                )
+                rows.append(
+                    dict(
+                        score=score,
+                        replace=rep,
+                        target=float(target) if isinstance(target, float) else int(target),
+                        fraction=k / total,
+                        k=k,
+                        test_accuracy=float(values.mean()),
+                        std=float(values.std(unbiased=False)) if len(idx) > 1 else 0.0,
+                        seeds=len(idx),
+                        heads=kept,
+                    )
+                )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Plot
+# --------------------------------------------------------------------------------------------
+
+
+def plot_selection_curve(
+    rows: Sequence[dict[str, Any]], path: str | Path, title: str | None = None, dpi: int = 120
+) -> Path:
+    """Test accuracy against the fraction of heads kept: one colour per score, one line style per
+    replacement (solid: zero, dashed: mean), the random band at +-1 std, the full model dashed grey.
+
+    Args:
+        rows: rows of `selection_curve`.
+        path: PNG file to write; parent folders are created.
+        title: figure title.
+        dpi: resolution.
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    rows = list(rows)
+    fig = Figure(figsize=(7.5, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    colours = {
+        "zeroshot": "tab:blue",
+        "text_corr": "tab:orange",
+        "output_corr": "tab:green",
+        "random": "tab:gray",
+    }
+    labels = {
+        "zeroshot": "zero-shot accuracy",
+        "text_corr": "text-subspace corr.",
+        "output_corr": "output corr.",
+        "random": "random (mean ± std)",
+    }
+    styles = {"zero": "-", "mean": "--"}
+    scores = [s for s in dict.fromkeys(r["score"] for r in rows) if s != "full"]
+    for score in scores:
+        for rep, style in styles.items():
+            sel = sorted(
+                (r for r in rows if r["score"] == score and r["replace"] == rep), key=lambda r: r["fraction"]
+            )
+            if not sel:
+                continue
+            x = np.array([r["fraction"] for r in sel])
+            y = np.array([r["test_accuracy"] for r in sel])
+            colour = colours.get(score)
+            ax.plot(x, y, style, marker="o", markersize=3.5, color=colour, lw=1.6)
+            if score == "random":
+                s = np.array([r["std"] for r in sel])
+                ax.fill_between(x, y - s, y + s, color=colour, alpha=0.15, lw=0)
+    full = [r for r in rows if r["score"] == "full"]
+    if full:
+        ax.axhline(full[0]["test_accuracy"], color="k", ls=":", lw=1.2)
+    ax.set_xscale("log")
+    fractions = sorted({r["fraction"] for r in rows if r["score"] != "full"})
+    if fractions:
+        ax.set_xticks(fractions, [f"{100 * f:.3g}%" for f in fractions], fontsize=8)
+        ax.minorticks_off()
+    ax.set_xlabel("heads kept (fraction of all heads, log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=colours.get(s, "k"), lw=2, label=labels.get(s, s)) for s in scores]
+    reps = sorted({r["replace"] for r in rows if r["score"] != "full"})
+    handles += [Line2D([], [], color="k", ls=styles[r], label=f"others → {r}") for r in reps if r in styles]
+    if full:
+        handles.append(Line2D([], [], color="k", ls=":", label=f"all heads ({full[0]['test_accuracy']:.3f})"))
+    ax.legend(handles=handles, fontsize=8, loc="lower right", framealpha=0.9)
+    ax.set_title(title or "Head selection: scores on validation, accuracy on test", fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path

@@ -1,0 +1,450 @@
+"""Head specialisation in words: TextSpan and SOMP over a bank of text descriptions (method.md §4).
+
+**TextSpan** (Gandelsman, Efros, Steinhardt, ICLR 2024). A unit's centred contributions X (N, D)
+and a bank of M text embeddings (normalised, then centred on the bank mean) are compared inside
+the data's own span: the bank is projected onto the top `rank` right-singular vectors of X. Then,
+k times: score every description t by the variance of the data projected on it, ``var(X t)``
+(t is not re-normalised, so a description that is mostly outside the remaining span scores low,
+as in the reference implementation); pick the best; record the share of the unit's total variance
+along its direction u = t / |t|; deflate u from the data (``X <- X (I - u u^T)``) and from the bank
+(``T <- T - (T u) u^T``). Deflation makes the picked directions orthonormal and a picked
+description zero, so it is never picked twice; the shares add up to the variance the picks
+explain together.
+
+Everything above depends on X only through its covariance, so it runs in the r-dimensional
+principal coordinates of the unit (r <= rank): O(M r^2) per pick, whatever N is. For a head the
+covariance comes from the compact coordinates y of the cache (``c = A y``, `units.py`): with
+``A = QR``, the eigenvectors of ``A Cov(y) A^T`` are Q times those of the k x k matrix
+``R Cov(y) R^T``, so no (N, D) contribution is ever materialised (`head_descriptions`).
+
+**SOMP** (simultaneous orthogonal matching pursuit, Tropp et al. 2006), as the ResiDual authors
+use it: greedily add the bank atom whose correlations with the current residuals of all samples
+have the largest l1 norm (summed |<r_n, b>|), refit all samples on the selected atoms by least
+squares, update the residuals. k = 10 to explain a unit, 64 to ablate it.
+
+Letters: N samples, D embedding size, M descriptions, r principal components kept, k picks.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from residual_lightning.spectral import DEFAULT_RANK_RTOL
+
+__all__ = [
+    "encode_bank",
+    "head_descriptions",
+    "load_bank",
+    "somp",
+    "textspan",
+    "textspan_spectrum",
+    "unit_spectra",
+]
+
+_UNIT = re.compile(r"^l(?P<layer>\d+)\.(?:(?P<mlp>mlp)|h(?P<head>\d+))$")
+
+
+# --------------------------------------------------------------------------------------------
+# TextSpan
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare_bank(text_bank: Tensor | np.ndarray, center: bool) -> Tensor:
+    """Float64 (M, D) bank: rows L2-normalised, then centred on their mean when asked."""
+    bank = torch.as_tensor(text_bank).detach().double().cpu()
+    if bank.ndim != 2 or bank.shape[0] == 0:
+        raise ValueError(f"text_bank must be a non-empty (M, D) matrix, got shape {tuple(bank.shape)}")
+    bank = F.normalize(bank, dim=-1)
+    # Centring removes what every description shares ("a photo of ..."), which says nothing
+    # about one unit in particular.
+    return bank - bank.mean(0) if center and bank.shape[0] > 1 else bank
+
+
+def textspan_spectrum(
+    eigenvectors: Tensor,
+    eigenvalues: Tensor,
+    text_bank: Tensor | np.ndarray,
+    k: int = 10,
+    rank: int | None = None,
+    total_variance: float | None = None,
+    center_bank: bool = True,
+) -> list[tuple[int, float]]:
+    """TextSpan from a unit's principal axes instead of its samples (what `textspan` calls).
+
+    Args:
+        eigenvectors: (D, R) orthonormal principal directions of the centred contributions, in
+            columns, by decreasing variance.
+        eigenvalues: (R,) variance along each direction (any common scale: only ratios matter).
+        text_bank: (M, D) text embeddings of the descriptions.
+        k: number of descriptions to pick (at most k are returned: fewer when the bank or the
+            span is exhausted first).
+        rank: project the bank onto the top `rank` directions; None keeps every direction with
+            variance above ``DEFAULT_RANK_RTOL`` times the largest.
+        total_variance: the unit's total variance, the denominator of the shares; None uses the
+            sum of `eigenvalues`.
+        center_bank: subtract the mean description from the (normalised) bank.
+
+    Returns:
+        ``(bank index, variance share)`` per pick, in picking order.
+    """
+    vecs = torch.as_tensor(eigenvectors).double().cpu()
+    vals = torch.as_tensor(eigenvalues).double().cpu().clamp_min(0.0)
+    bank = _prepare_bank(text_bank, center_bank)
+    if vecs.ndim != 2 or vecs.shape[1] != vals.numel() or vecs.shape[0] != bank.shape[1]:
+        raise ValueError(
+            f"expected (D, R) eigenvectors, (R,) eigenvalues and an (M, D) bank; got "
+            f"{tuple(vecs.shape)}, {tuple(vals.shape)} and {tuple(bank.shape)}"
+        )
+    total = float(vals.sum()) if total_variance is None else float(total_variance)
+    if total <= 0 or vals.numel() == 0:
+        return []
+    order = vals.argsort(descending=True)
+    vals, vecs = vals[order], vecs[:, order]
+    keep = int((vals > DEFAULT_RANK_RTOL * vals[0]).sum()) if rank is None else min(int(rank), vals.numel())
+    if keep < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    vals, vecs = vals[:keep], vecs[:, :keep]
+    coords = bank @ vecs  # (M, r): the bank projected onto the top-r span, in its coordinates
+    cov = torch.diag(vals)  # (r, r): the data's covariance in the same coordinates
+    alive = torch.ones(coords.shape[0], dtype=torch.bool)
+    picks: list[tuple[int, float]] = []
+    for _ in range(min(int(k), coords.shape[0])):
+        norms = coords.norm(dim=1)  # (M,)
+        scores = ((coords @ cov) * coords).sum(1)  # (M,) variance of the data along each t
+        scores[~alive | (norms <= 1e-12)] = -torch.inf
+        best = int(scores.argmax())
+        if not torch.isfinite(scores[best]) or float(cov.trace()) <= 1e-12 * total:
+            break
+        u = coords[best] / norms[best]  # (r,)
+        picks.append((best, float(u @ cov @ u) / total))
+        proj = torch.eye(u.numel(), dtype=u.dtype) - torch.outer(u, u)  # (r, r)
+        cov = proj @ cov @ proj
+        coords = coords - torch.outer(coords @ u, u)
+        alive[best] = False
+    return picks
+
+
+def _centred_spectrum(x: Tensor) -> tuple[Tensor, Tensor, float]:
+    """Principal directions (D, R), variances (R,) and total variance of centred float64 data."""
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"contributions must be an (N, D) matrix with N >= 2, got {tuple(x.shape)}")
+    xc = x - x.mean(0)  # (N, D)
+    _, s, vh = torch.linalg.svd(xc, full_matrices=False)  # s: (min(N, D),)
+    var = s**2 / (x.shape[0] - 1)
+    return vh.T, var, float((xc * xc).sum()) / (x.shape[0] - 1)
+
+
+def textspan(
+    contributions: Tensor | np.ndarray,
+    text_bank: Tensor | np.ndarray,
+    k: int = 10,
+    rank: int | None = None,
+    center_bank: bool = True,
+) -> list[tuple[int, float]]:
+    """Gandelsman et al.'s TextSpan: the descriptions that span a unit's output, greedily.
+
+    See the module docstring for the algorithm. Works with N < D (the span then has at most
+    N - 1 directions).
+
+    Args:
+        contributions: (N, D) contributions of one unit.
+        text_bank: (M, D) text embeddings (normalised here, then centred with `center_bank`).
+        k: number of descriptions to pick.
+        rank: number of top right-singular vectors of the centred contributions that the bank is
+            projected onto; None keeps all non-negligible ones.
+        center_bank: subtract the mean description from the bank.
+
+    Returns:
+        ``(bank index, variance share)`` per pick, in picking order; the share is the fraction
+        of the unit's total variance along the picked (deflated) description, and the shares sum
+        to at most 1.
+    """
+    x = torch.as_tensor(contributions).detach().double().cpu()
+    vecs, vals, total = _centred_spectrum(x)
+    return textspan_spectrum(vecs, vals, text_bank, k, rank, total_variance=total, center_bank=center_bank)
+
+
+# --------------------------------------------------------------------------------------------
+# SOMP
+# --------------------------------------------------------------------------------------------
+
+
+def somp(
+    contributions: Tensor | np.ndarray,
+    text_bank: Tensor | np.ndarray,
+    k: int = 10,
+    center: bool = True,
+    criterion: Literal["l1", "l2"] = "l1",
+) -> list[tuple[int, float]]:
+    """Simultaneous orthogonal matching pursuit of a unit's samples over a text bank.
+
+    Each step adds the atom b maximising ``sum_n |<r_n, b>|`` (``criterion="l1"``, the authors'
+    default) or ``sum_n <r_n, b>^2`` (``"l2"``) over the residuals r_n, refits every sample on
+    the selected atoms by least squares and recomputes the residuals. Only the (N, M) matrix of
+    correlations is kept: the residual correlations are ``X B^T - (X B_S^T) G_S^+ (B_S B^T)``
+    with ``G_S = B_S B_S^T``, so nothing (N, D) is updated.
+
+    Args:
+        contributions: (N, D) contributions of one unit.
+        text_bank: (M, D) text embeddings (rows L2-normalised here; not centred).
+        k: number of atoms (10 to explain a unit, 64 to ablate it).
+        center: subtract the samples' mean first (the fractions are then of the unit's variance).
+        criterion: ``"l1"`` or ``"l2"`` norm of an atom's correlations across samples.
+
+    Returns:
+        ``(bank index, fraction of variance explained after this step)`` per pick, in picking
+        order; the fractions are cumulative and non-decreasing.
+    """
+    if criterion not in ("l1", "l2"):
+        raise ValueError(f"unknown criterion {criterion!r}; valid: l1, l2")
+    x = torch.as_tensor(contributions).detach().double().cpu()
+    if x.ndim != 2:
+        raise ValueError(f"contributions must be an (N, D) matrix, got {tuple(x.shape)}")
+    bank = _prepare_bank(text_bank, center=False)  # (M, D)
+    if bank.shape[1] != x.shape[1]:
+        raise ValueError(f"bank has D={bank.shape[1]}, contributions D={x.shape[1]}")
+    if center:
+        x = x - x.mean(0)
+    total = float((x * x).sum())
+    if total <= 0:
+        return []
+    xb = x @ bank.T  # (N, M) correlations of the samples with every atom
+    gram = bank @ bank.T  # (M, M)
+    residual = xb
+    chosen: list[int] = []
+    picks: list[tuple[int, float]] = []
+    for _ in range(min(int(k), bank.shape[0])):
+        scores = residual.abs().sum(0) if criterion == "l1" else (residual * residual).sum(0)  # (M,)
+        scores[chosen] = -torch.inf
+        chosen.append(int(scores.argmax()))
+        g_inv = torch.linalg.pinv(gram[chosen][:, chosen], hermitian=True)  # (s, s)
+        xs = xb[:, chosen]  # (N, s)
+        residual = xb - xs @ (g_inv @ gram[chosen])  # (N, M)
+        explained = float(torch.trace(g_inv @ (xs.T @ xs))) / total
+        picks.append((chosen[-1], min(explained, 1.0)))
+    return picks
+
+
+# --------------------------------------------------------------------------------------------
+# Description banks
+# --------------------------------------------------------------------------------------------
+
+
+def load_bank(
+    path: str | Path | None = None,
+    class_names: Sequence[str] | None = None,
+    template: str = "a photo of a {}.",
+) -> list[str]:
+    """Descriptions of a TextSpan bank, deduplicated in order.
+
+    Args:
+        path: a file with one description per line (``#`` comments and blank lines skipped) or a
+            YAML list (``.yaml``/``.yml``/``.json``); None reads the shipped
+            ``resources/description_bank.txt`` (about 850 generic image descriptions).
+        class_names: when given, one prompt per class is appended (``template.format(name)``),
+            so the dataset's own classes can compete with the generic descriptions.
+        template: the prompt of the appended class names, with one ``{}``.
+
+    Returns:
+        The descriptions.
+    """
+    from residual_lightning.data.templates import _read_list_file
+
+    if path is None:
+        resource = importlib.resources.files("residual_lightning") / "resources" / "description_bank.txt"
+        lines = [line.strip() for line in resource.read_text(encoding="utf-8").splitlines()]
+        entries = [line for line in lines if line and not line.startswith("#")]
+    else:
+        entries = _read_list_file(path, "Description bank")
+    if class_names:
+        entries += [template.format(name) for name in class_names]
+    return list(dict.fromkeys(entries))
+
+
+def encode_bank(
+    backbone: Any,
+    descriptions: Sequence[str],
+    batch_size: int = 256,
+    cache_dir: str | Path | None = None,
+) -> Tensor:
+    """(M, D) L2-normalised text embeddings of the descriptions, cached on disk when asked.
+
+    Args:
+        backbone: a loaded `residual_lightning.units.Backbone`, or a `BackboneSpec` (loaded only
+            when the embeddings are not cached).
+        descriptions: the M descriptions (encoded as they are, no template).
+        batch_size: descriptions per forward pass of the text tower.
+        cache_dir: folder of a ``bank-<key>.safetensors`` file keyed like the text classifier
+            (backbone weights and the descriptions); None encodes every time.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from residual_lightning.classifier import classifier_key, text_classifier
+
+    descriptions = list(descriptions)
+    if not descriptions:
+        raise ValueError("the description bank is empty")
+    loaded = backbone if hasattr(backbone, "model") else None
+    path = None
+    if cache_dir is not None:
+        key = classifier_key(backbone.weights_id, backbone.model_name, descriptions, ["{}"])
+        path = Path(cache_dir) / f"bank-{key}.safetensors"
+        if path.exists():
+            return load_file(str(path))["embeddings"]
+    loaded = loaded or backbone.load()
+    # A one-template "classifier" of the descriptions is exactly their normalised embeddings.
+    emb = text_classifier(loaded.model, loaded.tokenizer, descriptions, ["{}"], batch_size=batch_size).cpu()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"embeddings": emb.float().contiguous()}, str(tmp))
+        tmp.replace(path)
+    return emb.float()
+
+
+# --------------------------------------------------------------------------------------------
+# Units of a cache
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_unit(name: str, layers: int, heads: int) -> tuple[str, int, int]:
+    """(kind, layer, head) of a unit name; kind is "emb", "mlp" or "head"."""
+    if name == "emb":
+        return "emb", -1, -1
+    match = _UNIT.match(name)
+    if match is None:
+        raise ValueError(f"unit name {name!r} is not 'emb', 'l<l>.mlp' or 'l<l>.h<h>'")
+    layer = int(match["layer"])
+    head = -1 if match["mlp"] else int(match["head"])
+    if layer >= layers or head >= heads:
+        raise ValueError(f"unit {name!r} does not exist in a model with L={layers}, H={heads}")
+    return ("mlp" if match["mlp"] else "head"), layer, head
+
+
+@torch.no_grad()
+def unit_spectra(
+    cache: Any,
+    units: Sequence[str] | None = None,
+    batch_size: int = 4096,
+    max_samples: int | None = None,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Principal directions and variances of units of a cache, from streamed second moments.
+
+    Heads are handled in their compact coordinates (moments of y, then ``A Cov(y) A^T`` through
+    a QR of A), MLPs and emb from their D-dimensional moments; nothing (N, U, D) is built.
+
+    Args:
+        cache: an `ActivationCache` (or anything with `iter_batches`, `head_maps`, `__len__`).
+        units: unit names (``"l3.h1"``, ``"l3.mlp"``, ``"emb"``); None means every head.
+        batch_size: samples per cache read.
+        max_samples: use only the first this many samples; None uses all.
+
+    Returns:
+        ``{unit: (eigenvectors (D, R) in columns, variances (R,))}``, by decreasing variance.
+    """
+    maps = cache.head_maps.double()  # (L, H, D, k)
+    layers, heads, dim, _ = maps.shape
+    if units is None:
+        units = [f"l{layer}.h{h}" for layer in range(layers) for h in range(heads)]
+    parsed = {name: _parse_unit(name, layers, heads) for name in units}
+    n_max = len(cache) if max_samples is None else min(len(cache), int(max_samples))
+    if n_max < 2:
+        raise ValueError("need at least 2 samples")
+    moments: dict[str, list] = {}  # kind -> [shift, sum, sum of outer products]
+    n = 0
+    for batch in cache.iter_batches(batch_size):
+        if n >= n_max:
+            break
+        take = min(len(batch), n_max - n)
+        parts = {
+            "head": batch.heads[:take].double(),  # (n, L, H, k)
+            "mlp": batch.mlps[:take].double(),  # (n, L, D)
+            "emb": batch.emb[:take].double()[:, None],  # (n, 1, D)
+        }
+        for kind in {kind for kind, _, _ in parsed.values()}:
+            x = parts[kind]
+            if kind not in moments:
+                # Moments about the first batch's mean: raw float64 sums would lose the variance
+                # of units whose mean is large next to their spread.
+                shift = x.mean(0)
+                moments[kind] = [
+                    shift,
+                    torch.zeros_like(shift),
+                    torch.zeros(*shift.shape, shift.shape[-1], dtype=x.dtype),
+                ]
+            x = x - moments[kind][0]
+            moments[kind][1] += x.sum(0)
+            moments[kind][2] += torch.einsum("n...i,n...j->...ij", x, x)
+        n += take
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, (kind, layer, head) in parsed.items():
+        _, s1, s2 = moments[kind]
+        idx = (layer, head) if kind == "head" else ((layer,) if kind == "mlp" else (0,))
+        mean = s1[idx] / n
+        cov = (s2[idx] - n * torch.outer(mean, mean)) / (n - 1)  # (k, k) or (D, D)
+        if kind == "head":
+            q, r = torch.linalg.qr(maps[layer, head])  # (D, k'), (k', k)
+            vals, w = torch.linalg.eigh(r @ cov @ r.T)
+            vecs = q @ w  # (D, k')
+        else:
+            vals, vecs = torch.linalg.eigh(cov)
+        order = vals.argsort(descending=True)
+        out[name] = (vecs[:, order], vals[order].clamp_min(0.0))
+    return out
+
+
+def head_descriptions(
+    cache: Any,
+    bank: Tensor,
+    descriptions: Sequence[str],
+    k: int = 10,
+    units: Sequence[str] | None = None,
+    rank: int | None = None,
+    batch_size: int = 4096,
+    max_samples: int | None = None,
+) -> list[dict[str, Any]]:
+    """TextSpan descriptions of the heads (or any units) of a cache, as table rows.
+
+    Args:
+        cache: an `ActivationCache`.
+        bank: (M, D) text embeddings of `descriptions` (`encode_bank`).
+        descriptions: the M descriptions, in the bank's order.
+        k: descriptions per unit.
+        units: unit names; None means every head. MLPs (``"l3.mlp"``) and ``"emb"`` work too.
+        rank: see `textspan`.
+        batch_size: samples per cache read.
+        max_samples: use only the first this many samples of the cache.
+
+    Returns:
+        One dict per pick with keys unit, rank (1-based), index (in the bank), description,
+        share (of the unit's variance) and cumulative (shares so far); ready for
+        `csv.DictWriter`.
+    """
+    if len(descriptions) != bank.shape[0]:
+        raise ValueError(f"{len(descriptions)} descriptions for a bank of {bank.shape[0]} embeddings")
+    spectra = unit_spectra(cache, units, batch_size=batch_size, max_samples=max_samples)
+    rows: list[dict[str, Any]] = []
+    for unit, (vecs, vals) in spectra.items():
+        cumulative = 0.0
+        for i, (index, share) in enumerate(textspan_spectrum(vecs, vals, bank, k, rank)):
+            cumulative += share
+            rows.append(
+                {
+                    "unit": unit,
+                    "rank": i + 1,
+                    "index": index,
+                    "description": descriptions[index],
+                    "share": share,
+                    "cumulative": cumulative,
+                }
+            )
+    return rows
