@@ -104,7 +104,7 @@ def test_duplicates_give_the_estimate_of_the_distinct_points(gaussian5):
 
 
 def test_bad_input_is_rejected():
-    with pytest.raises(ValueError, match="distinct"), pytest.warns(UserWarning):
+    with pytest.raises(ValueError, match="3 distinct points, got 1"):
         twonn(torch.ones(50, 4))
     with pytest.raises(ValueError, match="NaN"):
         twonn(torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [1.0, 1.0]]))
@@ -184,6 +184,17 @@ def test_id_profile_and_layer_profile(tmp_path):
 
     png = plot_id_profile(layers, tmp_path / "figs" / "id.png", title="toy")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_id_profile_records_nan_for_a_constant_unit():
+    units = {
+        "emb": torch.ones(100, 8),
+        "l0.h0": torch.randn(100, 8, generator=torch.Generator().manual_seed(0)),
+    }
+    with pytest.warns(UserWarning, match="'emb'"):
+        rows = id_profile(units, device="cpu")
+    assert rows[0]["linear_id"] == 0 and math.isnan(rows[0]["twonn_id"]) and math.isnan(rows[0]["ratio"])
+    assert math.isfinite(rows[1]["twonn_id"])
 
 
 def test_layer_profile_rejects_unknown_unit_names():

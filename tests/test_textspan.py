@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import residual_lightning.data.cache as cache_lib
 from residual_lightning.analysis.textspan import (
     encode_bank,
     head_descriptions,
@@ -16,7 +17,7 @@ from residual_lightning.analysis.textspan import (
     textspan,
     unit_spectra,
 )
-from residual_lightning.data.cache import ActivationCache, CacheKey, CacheWriter
+from residual_lightning.data.cache import ActivationCache, CacheKey
 from residual_lightning.units import CompactContributions
 
 PLANTED = (7, 42, 101)  # bank rows the data is made of
@@ -111,17 +112,11 @@ def test_somp_never_repeats_and_l2_criterion():
 
 def write_cache(path: Path, heads, mlps, emb, labels, head_maps) -> ActivationCache:
     """A float32 ActivationCache on disk holding exactly the given tensors."""
-    n, layers, nheads, k = heads.shape
-    dim = mlps.shape[-1]
+    layers, nheads = heads.shape[1:3]
     names = ["emb", *(f"l{i}.mlp" for i in range(layers))]
     names += [f"l{i}.h{h}" for i in range(layers) for h in range(nheads)]
     key = CacheKey("synthetic", "random", "synthetic", path.name, "all", "none", "default", "float32")
-    writer = CacheWriter(path, key, n, (layers, nheads, k, dim), names, head_maps, chunk_size=n)
-    compact = CompactContributions(heads, mlps, emb, head_maps, names)
-    writer.write(np.arange(n), compact, labels)
-    writer.commit_chunk(0)
-    writer.finalize()
-    return ActivationCache.open(path)
+    return cache_lib.write_cache(path, key, CompactContributions(heads, mlps, emb, head_maps, names), labels)
 
 
 @pytest.fixture(scope="module")

@@ -336,6 +336,36 @@ class ActivationCache:
             yield self.batch(slice(start, min(start + batch_size, len(self))))
 
 
+def write_cache(
+    path: str | Path, key: CacheKey, compact: CompactContributions, labels: Tensor, chunk_size: int = 4096
+) -> ActivationCache:
+    """Write in-memory contributions as a complete, checksummed cache (synthetic data, tests, imports).
+
+    Args:
+        path: the cache folder.
+        key: its key (``key.dtype`` is the storage dtype).
+        compact: contributions of all N samples.
+        labels: (N,) labels.
+        chunk_size: samples per chunk.
+    """
+    n, layers, heads, k = compact.heads.shape
+    shape = (layers, heads, k, compact.mlps.shape[-1])
+    writer = CacheWriter(path, key, n, shape, compact.names, compact.head_maps, chunk_size=chunk_size)
+    for chunk in writer.pending_chunks():
+        start, stop = writer.chunk_range(chunk)
+        part = CompactContributions(
+            compact.heads[start:stop],
+            compact.mlps[start:stop],
+            compact.emb[start:stop],
+            compact.head_maps,
+            compact.names,
+        )
+        writer.write(np.arange(start, stop), part, labels[start:stop])
+        writer.commit_chunk(chunk)
+    writer.finalize()
+    return ActivationCache.open(path, key, verify=False)
+
+
 def cache_lock(path: Path) -> FileLock:
     """The lock that serialises builders of the cache at `path`."""
     return FileLock(str(path) + ".lock")
