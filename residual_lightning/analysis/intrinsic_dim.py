@@ -289,12 +289,12 @@ def twonn(
                 # One representative (the first occurrence) per distinct row.
                 first = torch.full((n_unique,), n, dtype=torch.long, device=x.device)
                 first.scatter_reduce_(0, inverse, torch.arange(n, device=x.device), reduce="amin")
+                if n_unique < 3:
+                    raise ValueError(f"TwoNN needs at least 3 distinct points, got {n_unique} (of {n} rows)")
                 warnings.warn(
                     f"twonn: {n - n_unique} duplicate rows removed; estimating on {n_unique} distinct points",
                     stacklevel=2,
                 )
-                if n_unique < 3:
-                    raise ValueError(f"TwoNN needs at least 3 distinct points, got {n_unique}")
                 y = y[first]  # (N_unique, r)
                 r1, r2 = _two_nearest(y, chunk_size or max(1, _CHUNK_ELEMENTS // n_unique))
             valid = r1 > 0
@@ -338,6 +338,7 @@ def id_profile(
 
     Returns:
         One dict per unit, in input order: unit, n_points, linear_id, twonn_id, ratio (linear / TwoNN).
+        twonn_id and ratio are NaN (with a warning) for a unit with fewer than 3 distinct rows.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -353,7 +354,13 @@ def id_profile(
             x = x[chosen.to(x.device)]  # (max_points, D)
         x = x.to(device)
         lin = linear_id(x, threshold)
-        nonlin = twonn(x, fraction, dtype=dtype, chunk_size=chunk_size)
+        try:
+            nonlin = twonn(x, fraction, dtype=dtype, chunk_size=chunk_size)
+        except ValueError as err:  # e.g. a unit that is constant over the images
+            warnings.warn(
+                f"id_profile: TwoNN undefined for unit {name!r} ({err}); recorded as NaN", stacklevel=2
+            )
+            nonlin = math.nan
         rows.append(
             {
                 "unit": name,
