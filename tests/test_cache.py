@@ -167,11 +167,13 @@ def test_eval_shards_cover_every_sample_once():
 
 
 def test_datamodule_builds_then_reuses_caches(tmp_path):
+    from residual_lightning.data.datamodule import build_caches
+
     dm = ResidualDataModule(
         dataset="digits", cache_dir=str(tmp_path), dataset_options={"image_size": 64}, batch_size=32
     )
     assert dm.missing() == ["train", "val", "test"]
-    dm.prepare_data()
+    assert sorted(build_caches(dm)) == ["test", "train", "val"]
     assert dm.missing() == []
     dm2 = ResidualDataModule(
         dataset="digits", cache_dir=str(tmp_path), dataset_options={"image_size": 64}, batch_size=32

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,26 @@ def test_two_process_ddp_extracts_one_cache_and_matches_one_process(tmp_path):
     run_cli("fit", *args(tmp_path / "two", cache, *epochs, *ddp))
     run_cli("fit", *args(tmp_path / "one", cache, *epochs))
     assert abs(best_val(tmp_path / "two") - best_val(tmp_path / "one")) <= 0.05
+
+
+def test_bf16_mixed_extraction_and_training(tmp_path):
+    cache = tmp_path / "bf16-cache"
+    main(
+        [
+            "fit",
+            *args(
+                tmp_path,
+                cache,
+                "--trainer.max_epochs",
+                "2",
+                "--trainer.precision",
+                "bf16-mixed",
+                "--report",
+                "false",
+            ),
+        ]
+    )
+    metas = [json.loads(p.read_text()) for p in cache.glob("*/meta.json")]
+    assert len(metas) == 3 and all("autocast-bfloat16" in m["key"]["preprocessing"] for m in metas)
+    best = next(tmp_path.glob("runs/quickstart/version_*/checkpoints/best-*.ckpt"))
+    assert float(best.stem.split("acc")[-1]) > 0.2  # learned under bf16 autocast (zero-shot is ~0.1)

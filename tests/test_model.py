@@ -131,3 +131,15 @@ def test_finetune_trains_the_vision_tower_on_images(tmp_path):
     assert res["test/accuracy"] > res["test/zeroshot_accuracy"] + 0.1, res
     assert model.num_learned() > 1_000_000
     assert not any(k.startswith("_backbone") for k in model.state_dict())
+
+
+def test_prototype_classifier_for_backbones_without_text(dm, tmp_path):
+    L.seed_everything(0)
+    model = make_model(dm, "residual", classifier="prototypes")
+    t = trainer(tmp_path, epochs=2)
+    t.fit(model, dm)
+    res = t.test(model, dm, verbose=False)[0]
+    norms = model.classifier.norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))  # normalised class means
+    assert res["test/zeroshot_accuracy"] > 0.2  # class means of the train embeddings classify digits
+    assert res["test/accuracy"] > 0.2

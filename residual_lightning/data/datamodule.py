@@ -519,6 +519,22 @@ class ResidualDataModule(L.LightningDataModule):
         )
 
 
+def build_caches(datamodule: ResidualDataModule) -> dict[str, ActivationCache]:
+    """Build (or resume, or just verify) every cache of a data module in this process, and open them.
+
+    The programmatic twin of ``residual-lightning extract`` (which also shards across devices).
+
+    Args:
+        datamodule: the data module whose caches to build.
+
+    Returns:
+        The opened caches by part (``train``, ``val``, ``test``, and ``reference`` if any).
+    """
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule.caches
+
+
 def _rank0_says(flag: bool, world: int) -> bool:
     """Rank 0's value of `flag`, broadcast to every rank."""
     decision = [flag]
