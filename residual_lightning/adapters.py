@@ -22,6 +22,7 @@ K components.
 
 from __future__ import annotations
 
+import abc
 import difflib
 import inspect
 import re
@@ -69,23 +70,23 @@ KINDS = ("heads", "mlps", "emb")
 _UNIT = re.compile(r"^l(\d+)\.(?:(mlp)|h(\d+))$")
 
 
-class Adapter(nn.Module):
+class Adapter(nn.Module, abc.ABC):
     """Common interface of the adapters.
 
-    Subclasses implement `forward`, `num_learned` and `unit_weights`.
+    Subclasses implement `forward` and `num_learned` (abstract), and may override `unit_weights`.
     """
 
+    @abc.abstractmethod
     def forward(self, batch: CachedBatch) -> Tensor:
         """The adapted image embedding (N, D), not normalised.
 
         Args:
             batch: cached contributions.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def num_learned(self) -> int:
         """Number of learned scalars (entries of Parameters that reach the output)."""
-        raise NotImplementedError
 
     def unit_weights(self) -> dict[str, Tensor]:
         """Learned weights for plotting, detached, NaN where an entry is not learned."""
