@@ -486,7 +486,7 @@ class ResidualDataModule(L.LightningDataModule):
 
         Each rank gets a disjoint share; the dataset's ``names`` give each index its file name.
         """
-        from residual_lightning.data.registry import IMAGE_EXTENSIONS, ImageListDataset
+        from residual_lightning.data.images import IMAGE_EXTENSIONS, ImageListDataset
 
         transform = self.loaded_backbone().transform
         if self.predict_path is not None:
