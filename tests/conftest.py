@@ -55,6 +55,18 @@ def build_clip(seed: int = 0, embed_dim: int = 48, **vision) -> open_clip.CLIP:
     return randomise_(model, seed).eval()
 
 
+def write_synthetic_cache(path, heads, mlps, emb, labels, head_maps):
+    """A float32 ActivationCache on disk holding exactly the given compact tensors."""
+    from residual_lightning.data.cache import CacheKey, write_cache
+    from residual_lightning.units import CompactContributions
+
+    layers, nheads = heads.shape[1:3]
+    names = ["emb", *(f"l{i}.mlp" for i in range(layers))]
+    names += [f"l{i}.h{h}" for i in range(layers) for h in range(nheads)]
+    key = CacheKey("synthetic", "random", "synthetic", path.name, "all", "none", "default", "float32")
+    return write_cache(path, key, CompactContributions(heads, mlps, emb, head_maps, names), labels)
+
+
 @pytest.fixture
 def tiny_clip():
     """The shipped tiny config, random weights, randomised constants."""

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_synthetic_cache as write_cache
 
-import residual_lightning.data.cache as cache_lib
 from residual_lightning.analysis.selection import (
     ablate,
     ablation_accuracy,
@@ -20,20 +19,9 @@ from residual_lightning.analysis.selection import (
     top_k_mask,
 )
 from residual_lightning.data.batch import embedding
-from residual_lightning.data.cache import ActivationCache, CacheKey
-from residual_lightning.units import CompactContributions
 
 L, H, K, D, C = 3, 4, 6, 20, 4
 PLANTED = (1, 2)  # the head that carries the label
-
-
-def write_cache(path: Path, heads, mlps, emb, labels, head_maps) -> ActivationCache:
-    """A float32 ActivationCache on disk holding exactly the given tensors."""
-    layers, nheads = heads.shape[1:3]
-    names = ["emb", *(f"l{i}.mlp" for i in range(layers))]
-    names += [f"l{i}.h{h}" for i in range(layers) for h in range(nheads)]
-    key = CacheKey("synthetic", "random", "synthetic", path.name, "all", "none", "default", "float32")
-    return cache_lib.write_cache(path, key, CompactContributions(heads, mlps, emb, head_maps, names), labels)
 
 
 def fixed_maps_and_classifier():

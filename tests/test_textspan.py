@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import write_synthetic_cache as write_cache
 
-import residual_lightning.data.cache as cache_lib
 from residual_lightning.analysis.textspan import (
     encode_bank,
     head_descriptions,
@@ -17,8 +15,6 @@ from residual_lightning.analysis.textspan import (
     textspan,
     unit_spectra,
 )
-from residual_lightning.data.cache import ActivationCache, CacheKey
-from residual_lightning.units import CompactContributions
 
 PLANTED = (7, 42, 101)  # bank rows the data is made of
 STDS = (3.0, 2.0, 1.0)  # their standard deviations in the data
@@ -108,15 +104,6 @@ def test_somp_never_repeats_and_l2_criterion():
 # --------------------------------------------------------------------------------------------
 # The streamed per-unit path on a real (synthetic) cache
 # --------------------------------------------------------------------------------------------
-
-
-def write_cache(path: Path, heads, mlps, emb, labels, head_maps) -> ActivationCache:
-    """A float32 ActivationCache on disk holding exactly the given tensors."""
-    layers, nheads = heads.shape[1:3]
-    names = ["emb", *(f"l{i}.mlp" for i in range(layers))]
-    names += [f"l{i}.h{h}" for i in range(layers) for h in range(nheads)]
-    key = CacheKey("synthetic", "random", "synthetic", path.name, "all", "none", "default", "float32")
-    return cache_lib.write_cache(path, key, CompactContributions(heads, mlps, emb, head_maps, names), labels)
 
 
 @pytest.fixture(scope="module")
