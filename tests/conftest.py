@@ -20,10 +20,12 @@ TINY = "RL-Tiny-ViT-64"
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    """Make any stray download fail loudly instead of hanging or succeeding by accident."""
+def _offline_in_a_scratch_folder(monkeypatch, tmp_path):
+    """Make any stray download fail loudly, and run in a scratch folder so that defaults such as
+    ``runs/`` and ``.cache/`` never land in the repository."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
 
 
 def randomise_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

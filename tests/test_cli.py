@@ -43,6 +43,8 @@ def cache(tmp_path_factory):
             "extract",
             "--config",
             QUICK,
+            "--trainer.logger",
+            "false",
             "--data.cache_dir",
             str(path),
             "--trainer.enable_progress_bar",
@@ -182,7 +184,18 @@ def test_two_process_ddp_extracts_one_cache_and_matches_one_process(tmp_path):
 
     cache = tmp_path / "cache"
     ddp = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu")
-    run_cli("extract", "--config", QUICK, "--data.cache_dir", str(cache), "--data.chunk_size", "256", *ddp)
+    run_cli(
+        "extract",
+        "--config",
+        QUICK,
+        "--data.cache_dir",
+        str(cache),
+        "--data.chunk_size",
+        "256",
+        "--trainer.logger",
+        "false",
+        *ddp,
+    )
     folders = [p for p in cache.iterdir() if p.is_dir()]
     assert len(folders) == 3
     for folder in folders:
