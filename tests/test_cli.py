@@ -194,6 +194,8 @@ def test_two_process_ddp_extracts_one_cache_and_matches_one_process(tmp_path):
         "256",
         "--trainer.logger",
         "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),  # where the CLI saves config.yaml when there is no logger
         *ddp,
     )
     folders = [p for p in cache.iterdir() if p.is_dir()]
