@@ -187,3 +187,41 @@ def test_datamodule_builds_then_reuses_caches(tmp_path):
     weights, scale = dm2.classifier()
     assert weights.shape == (10, 128) and scale > 0
     assert len(list(dm2.val_dataloader())) == 1
+
+
+def fake_imagenet(root: Path, per_class: int = 1) -> Path:
+    """An ImageFolder-style ImageNet root (train/ and val/, 1000 class folders) of tiny PNGs."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in range(1000):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (8, 8), (c % 256, (c // 256) * 60, 40 * i)).save(folder / f"{i}.png")
+    return root
+
+
+def test_imagenet_reference_set_gets_its_own_cache_and_the_bases(tmp_path):
+    root = fake_imagenet(tmp_path / "imagenet", per_class=2)
+    dm = ResidualDataModule(
+        dataset="digits",
+        cache_dir=str(tmp_path / "cache"),
+        dataset_options={"image_size": 64},
+        reference="imagenet",
+        reference_root=str(root),
+        reference_size=300,
+    )
+    assert dm.parts() == ["train", "val", "test", "reference"]
+    dm.prepare_data()
+    dm.setup("fit")
+    ref = dm.caches["reference"]
+    assert ref.meta["key"]["dataset"] == "imagenet" and 250 <= len(ref) <= 350
+    bases = dm.bases()
+    assert bases.n_samples == len(ref) and bases.metadata["dataset"] == "imagenet"
+    assert dm.reference_cache() is ref
+
+
+def test_imagenet_reference_needs_a_root():
+    with pytest.raises(ValueError, match="reference_root"):
+        ResidualDataModule(dataset="digits", reference="imagenet")
