@@ -45,6 +45,8 @@ def cache(tmp_path_factory):
             QUICK,
             "--trainer.logger",
             "false",
+            "--trainer.default_root_dir",
+            str(path),  # the saved config.yaml goes here, not into the cwd
             "--data.cache_dir",
             str(path),
             "--trainer.enable_progress_bar",
