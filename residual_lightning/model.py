@@ -253,8 +253,10 @@ class ResidualModel(L.LightningModule):
             batch = batch.float()
             labels = batch.label
             logits = self(batch)
-            with torch.no_grad():
-                zs_logits = self.logits_from_embedding(embedding(batch, self.head_maps))
+            zs_logits = None
+            if stage != "train":  # zero-shot of the same split; not recomputed in the training hot loop
+                with torch.no_grad():
+                    zs_logits = self.logits_from_embedding(embedding(batch, self.head_maps))
         loss = F.cross_entropy(logits, labels)
         if not torch.isfinite(loss):
             raise FloatingPointError(

@@ -32,6 +32,7 @@ The compact form (`CompactContributions`) is what the activation cache stores: h
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -553,7 +554,16 @@ class Backbone:
 
 
 def file_digest(path: str, chunk: int = 1 << 20) -> str:
-    """First 16 hex digits of a file's sha256 (identifies local checkpoints in cache keys)."""
+    """First 16 hex digits of a file's sha256 (identifies local checkpoints in cache keys).
+
+    Memoised per (path, size, mtime): cache keys ask for it several times at start-up.
+    """
+    st = os.stat(path)
+    return _file_digest(os.path.abspath(path), st.st_size, st.st_mtime_ns, chunk)
+
+
+@functools.lru_cache(maxsize=32)
+def _file_digest(path: str, size: int, mtime_ns: int, chunk: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

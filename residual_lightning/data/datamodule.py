@@ -194,6 +194,7 @@ class ResidualDataModule(L.LightningDataModule):
         self.images: dict[str, Dataset] = {}
         self.caches: dict[str, ActivationCache] = {}
         self._backbone = None
+        self._bases: UnitBases | None = None
         self._class_names: list[str] | None = list(self.spec.class_names) if self.spec.class_names else None
         self._templates: list[str] = list(self.spec.templates)
 
@@ -416,11 +417,14 @@ class ResidualDataModule(L.LightningDataModule):
         With several ranks each fits its share of the batches and the moments are summed
         across ranks, so the result equals a single-process fit.
         """
+        if self._bases is not None:  # the model and the plots callback both ask for them
+            return self._bases
         ref_key = self.key("reference" if self.reference == "imagenet" else "train", self.preprocessing())
         path = self.cache_dir / f"bases-{ref_key.digest()}.safetensors"
         rank, world = self._rank_world()
         if _rank0_says(path.exists(), world):  # every rank takes rank 0's branch (all_reduce below)
-            return UnitBases.load(path)
+            self._bases = UnitBases.load(path)
+            return self._bases
         ref = self.reference_cache()
         shard = (b for i, b in enumerate(ref.iter_batches(2048)) if i % world == rank)
         bases = fit_unit_bases(
@@ -433,6 +437,7 @@ class ResidualDataModule(L.LightningDataModule):
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             bases.save(tmp)
             tmp.replace(path)
+        self._bases = bases
         return bases
 
     def reference_cache(self) -> ActivationCache:
