@@ -134,6 +134,8 @@ class PredictionCSV(BasePredictionWriter):
     Args:
         output: the CSV path (default: ``predictions.csv`` in the logger's run folder); each
             rank of a multi-device run writes ``<stem>.rank<r>.csv`` and rank 0 merges them.
+            Images skipped by ``predict --skip_bad_images`` are listed in ``skipped_images.txt``
+            beside it.
     """
 
     def __init__(self, output: str | None = None) -> None:
@@ -168,6 +170,11 @@ class PredictionCSV(BasePredictionWriter):
         with open(part, "w", newline="") as f:
             csv.writer(f).writerows(self._rows)
         trainer.strategy.barrier("prediction-csv")
+        skipped = getattr(trainer.datamodule, "predict_skipped", None)
+        if trainer.is_global_zero and skipped:
+            listing = self.output.with_name("skipped_images.txt")
+            listing.write_text("".join(f"{f}\n" for f in skipped))
+            print(f"skipped {len(skipped)} unreadable image(s), listed in {listing}")
         if trainer.is_global_zero:
             rows = []
             for r in range(trainer.world_size):

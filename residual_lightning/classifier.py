@@ -2,7 +2,8 @@
 
 Per class, every template is filled with the class name and encoded by the text tower; the
 embeddings are L2-normalised, averaged and normalised again (CLIP's recipe). Classifiers are
-cached on disk (safetensors), keyed by backbone weights, class names and templates.
+cached on disk (safetensors, written atomically with a checksum), keyed by backbone weights, class
+names and templates, and verified whenever they are read back.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from residual_lightning.files import OnMismatch, load_or_build, load_tensors, save_tensors
 
 
 @torch.inference_mode()
@@ -70,37 +72,52 @@ def classifier_key(weights_id: str, model_name: str, class_names: list[str], tem
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def classifier_path(cache_dir: str | Path, backbone, class_names: list[str], templates: list[str]) -> Path:
+    """Where the text classifier of a backbone (or its spec), class names and templates is cached."""
+    digest = classifier_key(backbone.weights_id, backbone.model_name, class_names, templates)
+    return Path(cache_dir) / f"classifier-{digest}.safetensors"
+
+
 def load_or_build_classifier(
-    backbone, class_names: list[str], templates: list[str], cache_dir: str | Path
+    backbone,
+    class_names: list[str],
+    templates: list[str],
+    cache_dir: str | Path,
+    on_mismatch: OnMismatch = "error",
 ) -> tuple[Tensor, float]:
-    """The cached text classifier of a backbone, built on first use.
+    """The cached text classifier of a backbone, built on first use, verified on every read.
 
     Args:
-        backbone: a `residual_lightning.units.Backbone`, or a callable returning one (so the
-            backbone is loaded only when the classifier is not cached).
+        backbone: a `residual_lightning.units.Backbone`, or its `BackboneSpec` (then the backbone is
+            loaded only when the classifier is not cached).
         class_names: C names.
         templates: prompt templates.
         cache_dir: where classifier files live.
+        on_mismatch: a cached file failing its checks (truncated, altered, another key or format)
+            raises (``error``) or is rebuilt with a warning (``rebuild``).
 
     Returns:
         ``(weights (C, D), logit_scale)`` where logit_scale is ``model.logit_scale.exp()``.
     """
-    bb = backbone if hasattr(backbone, "model") else None
-    model_name = bb.model_name if bb else backbone.model_name
-    weights_id = bb.weights_id if bb else backbone.weights_id
-    path = (
-        Path(cache_dir)
-        / f"classifier-{classifier_key(weights_id, model_name, class_names, templates)}.safetensors"
+    key = {
+        "model_name": backbone.model_name,
+        "weights_id": backbone.weights_id,
+        "class_names": list(class_names),
+        "templates": list(templates),
+    }
+
+    def load(path: Path) -> tuple[Tensor, float]:
+        tensors, _ = load_tensors(path, "classifier", key)
+        return tensors["weights"], float(tensors["logit_scale"])
+
+    def build(path: Path) -> tuple[Tensor, float]:
+        bb = backbone if hasattr(backbone, "model") else backbone.load()
+        weights = text_classifier(bb.model, bb.tokenizer, class_names, templates, progress=True).cpu()
+        scale = getattr(bb.model, "logit_scale", None)
+        logit_scale = float(scale.exp()) if scale is not None else 100.0
+        save_tensors(path, {"weights": weights, "logit_scale": torch.tensor(logit_scale)}, "classifier", key)
+        return weights, logit_scale
+
+    return load_or_build(
+        classifier_path(cache_dir, backbone, class_names, templates), load, build, on_mismatch
     )
-    if path.exists():
-        data = load_file(str(path))
-        return data["weights"], float(data["logit_scale"])
-    bb = bb or backbone.load()
-    weights = text_classifier(bb.model, bb.tokenizer, class_names, templates, progress=True).cpu()
-    scale = getattr(bb.model, "logit_scale", None)
-    logit_scale = float(scale.exp()) if scale is not None else 100.0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"weights": weights.contiguous(), "logit_scale": torch.tensor(logit_scale)}, str(tmp))
-    tmp.replace(path)
-    return weights, logit_scale

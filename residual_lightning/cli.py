@@ -8,23 +8,62 @@ convention) are linked from the data module into the model, never typed twice.
     residual-lightning fit --config configs/quickstart.yaml
     residual-lightning fit --config configs/backbones/openclip-vit-b-16.yaml \\
         --config configs/datasets/cifar10.yaml --config configs/methods/residual.yaml
+    residual-lightning fit --config configs/quickstart.yaml --ckpt_path last   # resume a killed run
+
+Checkpoints (see `residual_lightning.checkpoints`): every load is weights-only (``--weights_only``
+defaults to true; a crafted checkpoint, local or ``http://``, cannot run code); saves are atomic
+(`AtomicCheckpointIO` replaces Lightning's default ``CheckpointIO``); a ``--ckpt_path`` that is
+truncated or empty is refused at start, naming the file; ``--ckpt_path last`` is the newest
+``runs/<name>/version_N/checkpoints/last.ckpt`` (highest N; `checkpoints.find_last`), and ``fit``
+resumes it logging into that same version folder; with none, it fails naming where it looked.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
+from residual_lightning import checkpoints
 from residual_lightning.data.datamodule import ResidualDataModule
 from residual_lightning.model import ResidualModel
+
+CKPT_SUBCOMMANDS = ("fit", "validate", "test", "predict")  # those that take --ckpt_path
 
 
 class ResidualTrainer(Trainer):
     """Lightning's Trainer plus `extract`, so that cache building uses the same strategies (DDP)."""
+
+    def predict(
+        self,
+        model: LightningModule | None = None,
+        dataloaders: Any = None,
+        datamodule: LightningDataModule | None = None,
+        return_predictions: bool | None = None,
+        ckpt_path: str | None = None,
+        weights_only: bool | None = None,
+        skip_bad_images: bool = False,
+    ):
+        """Class probabilities of images (Lightning's predict), with bad images skipped on request.
+
+        Args:
+            model: the model.
+            dataloaders: loaders (default: the data module's).
+            datamodule: the data module.
+            return_predictions: return the predictions.
+            ckpt_path: the checkpoint to predict with.
+            weights_only: load the checkpoint weights-only.
+            skip_bad_images: skip images that cannot be read and list them in ``skipped_images.txt``
+                beside ``predictions.csv`` (default: stop at the first one, naming it).
+        """
+        if datamodule is not None and hasattr(datamodule, "predict_on_bad_image"):
+            datamodule.predict_on_bad_image = "skip" if skip_bad_images else "raise"
+        return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
 
     def extract(
         self, model: ResidualModel | None = None, datamodule: ResidualDataModule | None = None
@@ -47,6 +86,7 @@ class ResidualTrainer(Trainer):
             batch_size=datamodule.extract_batch_size,
             chunk_size=datamodule.chunk_size,
             num_workers=datamodule.num_workers,
+            on_mismatch=datamodule.on_mismatch,
         )
         self.predict(extractor, return_predictions=False)
         if self.is_global_zero:
@@ -108,6 +148,50 @@ class ResidualCLI(LightningCLI):
             }
         )
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        """Lightning's parser, with ``--weights_only`` defaulting to true for every subcommand that loads."""
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        # The trainer's method arguments (ckpt_path, weights_only) are added after
+        # add_arguments_to_parser, so their defaults are set here. A Lightning without
+        # --weights_only fails here rather than loading remote checkpoints with pickle.
+        for name, parser in getattr(self, "_subcommand_parsers", {}).items():
+            if name in CKPT_SUBCOMMANDS:
+                parser.set_defaults(weights_only=True)
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then resolve ``--ckpt_path last`` and check the checkpoint before anything loads it."""
+        super().parse_arguments(parser, args)
+        self._prepare_ckpt_path()
+
+    def _prepare_ckpt_path(self) -> None:
+        """Resolve ``last`` (fit then logs into its version folder); refuse a truncated file."""
+        subcommand = self.config.get("subcommand")
+        if subcommand not in CKPT_SUBCOMMANDS:
+            return
+        config = self.config[subcommand]
+        if config.get("ckpt_path") == "last":
+            checkpoint = config.get("checkpoint")
+            last = checkpoints.find_last(config.trainer, checkpoint.get("dirpath") if checkpoint else None)
+            config.ckpt_path = str(last.path)
+            if subcommand == "fit" and last.version is not None:
+                checkpoints.set_logger_version(config.trainer, last.version)
+            into = f", logging into {last.version}" if subcommand == "fit" and last.version else ""
+            rank_zero_info(f"--ckpt_path last: {last.path}{into}")
+        if config.get("ckpt_path") is not None and not checkpoints.is_keyword(config.ckpt_path):
+            checkpoints.check_checkpoint(
+                config.ckpt_path, weights_only=config.get("weights_only") is not False
+            )
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """Lightning's trainer, saving checkpoints atomically (`checkpoints.AtomicCheckpointIO`)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        checkpoints.use_atomic_checkpoints(trainer)
+        return trainer
+
+    # ------------------------------------------------------------------ fit
+
     def before_fit(self) -> None:
         """Run the LR finder when ``model.lr: auto``."""
         if self.model.lr == "auto":
@@ -150,10 +234,16 @@ def print_summary(model: ResidualModel, metrics: dict, best: str | None, trainer
     logdir = getattr(trainer.logger, "log_dir", None) if trainer.logger else None
     zs, acc = metrics.get("test/zeroshot_accuracy"), metrics.get("test/accuracy")
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "n/a"  # noqa: E731
+    untrained = trainer.global_step == 0
+    if untrained:
+        print(
+            f"\nnot trained: no training step ran (trainer.max_epochs={trainer.max_epochs}); "
+            f"the {model.method} accuracy below is that of the initial, untrained adapter"
+        )
     rows = [
         ("method", model.method),
         ("zero-shot test accuracy", fmt(zs)),
-        (f"{model.method} test accuracy", fmt(acc)),
+        (f"{model.method} test accuracy" + (" (untrained)" if untrained else ""), fmt(acc)),
         (
             "gain (points)",
             f"{100 * (acc - zs):+.1f}" if isinstance(acc, float) and isinstance(zs, float) else "n/a",
@@ -174,13 +264,22 @@ def main(argv: list[str] | None = None) -> None:
 
         analyze(words[1:])
         return
-    ResidualCLI(
-        ResidualModel,
-        ResidualDataModule,
-        trainer_class=ResidualTrainer,
-        args=argv,  # None: sys.argv, which DDP's launcher re-runs in each process
-        save_config_kwargs={"overwrite": True},
-    )
+    try:
+        ResidualCLI(
+            ResidualModel,
+            ResidualDataModule,
+            trainer_class=ResidualTrainer,
+            args=argv,  # None: sys.argv, which DDP's launcher re-runs in each process
+            save_config_kwargs={"overwrite": True},
+        )
+    except ValueError as err:
+        # jsonargparse wraps errors raised while computing a link (the data module's class names,
+        # shape) in "Call to compute_fn of link ... with args ({Train dataloader: None} ...)": show
+        # the user the error itself.
+        cause = err.__cause__
+        if cause is not None and str(err).startswith("Call to compute_fn of link"):
+            raise cause from None
+        raise
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from jsonargparse.typing import PositiveFloat
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from residual_lightning.adapters import METHODS, Adapter, build_adapter, method_options
@@ -28,6 +30,8 @@ from residual_lightning.units import EQUAL_SHARE_EXTRA, BackboneSpec, decompose_
 log = logging.getLogger(__name__)
 
 Method = Literal["residual", "residual_star", "coarse", "linear", "spectral", "zeroshot", "finetune"]
+LAMBDA_WARN = 1e4  # a learned scale beyond this means the learning rate is far too high
+DIVERGENCE_EPOCHS = 3  # epochs with a train loss above the first epoch's before a warning
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -84,7 +88,7 @@ class ResidualModel(L.LightningModule):
         self,
         method: Method = "residual",
         adapter: dict[str, Any] | None = None,
-        lr: float | Literal["auto"] = 0.8,
+        lr: PositiveFloat | Literal["auto"] = 0.8,
         optimizer: OptimizerCallable = default_optimizer,
         logit_mode: Literal["scaled_cosine", "raw"] = "scaled_cosine",
         classifier: Literal["text", "prototypes"] = "text",
@@ -98,6 +102,14 @@ class ResidualModel(L.LightningModule):
             raise ValueError(f"unknown method {method!r}; valid: {', '.join((*METHODS, 'finetune'))}")
         if not class_names:
             raise ValueError("class_names is empty: link them from the data module (the CLI does)")
+        if len(class_names) < 2:
+            raise ValueError(
+                f"the dataset has {len(class_names)} class ({class_names}): classification needs at least 2"
+            )
+        if lr != "auto":
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or lr == float("inf"):
+                raise ValueError(f"model.lr must be a positive number or 'auto', got {lr!r}")
+            lr = float(lr)  # a plain float: jsonargparse's PositiveFloat would not load weights-only
         if shape is None:
             raise ValueError("shape (L, H, k, D) is missing: link it from the data module (the CLI does)")
         if isinstance(backbone, dict):  # how checkpoints store it
@@ -110,6 +122,7 @@ class ResidualModel(L.LightningModule):
                     f"model.adapter option(s) {wrong} do not apply to method {method!r}; its options: {', '.join(valid)}"
                 )
         self.save_hyperparameters(ignore=["optimizer", "backbone"])
+        self.hparams["lr"] = lr
         # A plain dict, so that checkpoints load with torch.load(weights_only=True).
         self.hparams["backbone"] = asdict(backbone or BackboneSpec())
         self.method, self.adapter_options = method, dict(adapter or {})
@@ -127,6 +140,9 @@ class ResidualModel(L.LightningModule):
         self.adapter: Adapter | None = None
         self._backbone: nn.Module | None = None  # not a submodule: kept out of the state_dict
         self.finetuned: nn.Module | None = None  # the trainable tower of `finetune`
+        self._first_loss: float | None = None  # mean train loss of the first epoch (divergence check)
+        self._epochs_above_first = 0
+        self._warned: set[str] = set()
         self._make_metrics(num_classes)
 
     # ------------------------------------------------------------------ construction
@@ -199,8 +215,24 @@ class ResidualModel(L.LightningModule):
         return prototypes(torch.cat(embs), torch.cat(labels), len(self.class_names))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint of another backbone/method/shape; create the adapter before its state loads."""
+        """Refuse a checkpoint of another format, backbone, method or shape; build its adapter."""
+        from residual_lightning.checkpoints import check_stamp
+
+        check_stamp(checkpoint, getattr(self._trainer, "ckpt_path", None) or "checkpoint")
         saved = checkpoint.get("hyper_parameters", {})
+        names = saved.get("class_names")
+        if names is not None and list(names) != self.class_names:
+            diff = next(
+                (i for i, (a, b) in enumerate(zip(names, self.class_names)) if a != b),
+                min(len(names), len(self.class_names)),
+            )
+            theirs = names[diff] if diff < len(names) else "<none>"
+            ours = self.class_names[diff] if diff < len(self.class_names) else "<none>"
+            raise ValueError(
+                f"checkpoint was trained on other classes: class {diff} is {theirs!r} in the checkpoint "
+                f"and {ours!r} in this run ({len(names)} vs {len(self.class_names)} classes): pass the "
+                "dataset the checkpoint was trained on"
+            )
         mine = {
             "backbone": asdict(self.backbone_spec),
             "method": self.method,
@@ -302,9 +334,38 @@ class ResidualModel(L.LightningModule):
             metric.reset()
 
     def on_train_epoch_end(self) -> None:
-        """Log the epoch's training metrics; schedule-free back to eval (averaged weights)."""
+        """Log the epoch's training metrics, warn about divergence; schedule-free back to eval."""
+        loss = self.metrics["train_"]["loss"]
+        if loss.update_count:
+            self._check_divergence(float(loss.compute()))
         self._log_stage("train")
         self._optimizer_mode("eval")
+
+    def _check_divergence(self, epoch_loss: float) -> None:
+        """Warn (once each) when the loss stays above its first-epoch value or a λ explodes."""
+        if self._first_loss is None:
+            self._first_loss = epoch_loss
+        elif epoch_loss > self._first_loss:
+            self._epochs_above_first += 1
+        else:
+            self._epochs_above_first = 0
+        if self._epochs_above_first >= DIVERGENCE_EPOCHS and "loss" not in self._warned:
+            self._warned.add("loss")
+            rank_zero_warn(
+                f"train loss {epoch_loss:.4g} has stayed above its first-epoch value {self._first_loss:.4g} "
+                f"for {self._epochs_above_first} epochs: training is diverging; lower the learning rate "
+                f"(model.lr={self.lr})"
+            )
+        params = [
+            p for p in (self.adapter.parameters() if self.adapter is not None else ()) if p.requires_grad
+        ]
+        largest = max((float(p.detach().abs().max()) for p in params if p.numel()), default=0.0)
+        if largest > LAMBDA_WARN and "lambda" not in self._warned:
+            self._warned.add("lambda")
+            rank_zero_warn(
+                f"a learned scale reached |λ| = {largest:.3g} (> {LAMBDA_WARN:.0e}): the learning rate is far "
+                f"too high (model.lr={self.lr}); results will be near chance"
+            )
 
     def on_validation_epoch_end(self) -> None:
         """Log validation metrics."""
@@ -353,8 +414,11 @@ class ResidualModel(L.LightningModule):
         self._optimizer_mode("eval")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Checkpoints hold the averaged (eval-mode) weights."""
+        """Checkpoints hold the averaged (eval-mode) weights and the checkpoint format stamp."""
+        from residual_lightning.checkpoints import stamp
+
         self._optimizer_mode("eval")
+        stamp(checkpoint)
 
     def configure_optimizers(self):
         """The injected optimizer over the trainable parameters, with lr = `self.lr`."""
@@ -437,7 +501,14 @@ class ResidualCLIP(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> ResidualCLIP:
-        """Rebuild from a checkpoint written by `residual-lightning fit` (weights-only load)."""
+        """Rebuild from a checkpoint written by `residual-lightning fit` (weights-only load).
+
+        Raises:
+            CacheError: the file is empty, truncated or not a checkpoint (the message names it).
+        """
+        from residual_lightning.checkpoints import check_checkpoint
+
+        check_checkpoint(path)
         model = ResidualModel.load_from_checkpoint(path, map_location=map_location, weights_only=True)
         return cls(model)
 

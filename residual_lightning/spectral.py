@@ -42,6 +42,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
+from .files import load_tensors, save_tensors
 from .units import CONVENTIONS, EQUAL_SHARE_EXTRA
 
 __all__ = [
@@ -64,8 +65,6 @@ Selection = Union[int, float, Literal["all"]]
 # Eigenvalues below this fraction of a unit's largest one are numerical noise (float32 data
 # rounding noise measured at ~1e-14 to 2e-11 relative on tiny models); their components are masked out.
 DEFAULT_RANK_RTOL = 1e-9
-_FORMAT = "residual_lightning.UnitBases"
-_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,21 +215,18 @@ class UnitBases:
             kinds["output"] = self.output
         return kinds
 
-    def save(self, path: str | Path) -> None:
-        """Write the bases to a safetensors file (tensors as they are, header as JSON metadata).
+    def save(self, path: str | Path, key: Any = None) -> None:
+        """Write the bases to a safetensors file, atomically, with a checksum (see `files.save_tensors`).
 
         Args:
             path: the file to write (conventionally ``*.safetensors``).
+            key: what the bases were fitted on (checked again by `load`); default: none recorded.
         """
-        from safetensors.torch import save_file
-
         tensors = {"head_coord_mean": self.head_coord_mean}
         for kind, basis in self._kinds().items():
             for f in fields(basis):
                 tensors[f"{kind}.{f.name}"] = getattr(basis, f.name)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         header = {
-            "version": _VERSION,
             "n_samples": self.n_samples,
             "convention": self.convention,
             "layers": self.num_layers,
@@ -239,29 +235,23 @@ class UnitBases:
             "output_dim": self.output_dim,
             "metadata": self.metadata,
         }
-        save_file(tensors, str(path), metadata={"format": _FORMAT, "header": json.dumps(header)})
+        save_tensors(path, tensors, "bases", key, metadata={"header": json.dumps(header)})
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> UnitBases:
-        """Read bases written by `save`.
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", key: Any = None) -> UnitBases:
+        """Read bases written by `save`, verifying format, key and checksum.
 
         Args:
             path: the safetensors file.
             device: where to put the tensors.
+            key: the key the bases must have been saved with (None: not checked).
 
         Raises:
-            ValueError: the file is not a UnitBases file or has an unknown version.
+            CacheError: not a bases file, written by another version, another key, truncated or
+                corrupt (the message names the file).
         """
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not a {_FORMAT} file (metadata format={meta.get('format')!r})")
-            header = json.loads(meta["header"])
-            if header.get("version") != _VERSION:
-                raise ValueError(f"{path}: unsupported UnitBases version {header.get('version')!r}")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors, meta = load_tensors(path, "bases", key, device)
+        header = json.loads(meta["header"])
 
         def basis(kind: str) -> PCABasis | None:
             if f"{kind}.mean" not in tensors:

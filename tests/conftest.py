@@ -69,6 +69,34 @@ def write_synthetic_cache(path, heads, mlps, emb, labels, head_maps):
     return write_cache(path, key, CompactContributions(heads, mlps, emb, head_maps, names), labels)
 
 
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory):
+    """Digits caches and text classifier of the quickstart config, built once per test session
+    through the `extract` subcommand. Tests that alter files in it work on a copy."""
+    from pathlib import Path
+
+    from residual_lightning.cli import main
+
+    path = tmp_path_factory.mktemp("digits-cache")
+    quick = str(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
+    main(
+        [
+            "extract",
+            "--config",
+            quick,
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(path),  # the saved config.yaml goes here, not into the cwd
+            "--data.cache_dir",
+            str(path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    return path
+
+
 @pytest.fixture
 def tiny_clip():
     """The shipped tiny config, random weights, randomised constants."""

@@ -10,50 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import QUICK, ROOT, quick_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from residual_lightning.cli import main
 
-ROOT = Path(__file__).parents[1]
-QUICK = str(ROOT / "configs" / "quickstart.yaml")
 
-
-def args(tmp: Path, cache: Path, *extra: str) -> list[str]:
-    return [
-        "--config",
-        QUICK,
-        "--data.cache_dir",
-        str(cache),
-        "--trainer.logger.init_args.save_dir",
-        str(tmp / "runs"),
-        "--trainer.default_root_dir",
-        str(tmp),
-        "--trainer.enable_progress_bar",
-        "false",
-        *extra,
-    ]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """Digits caches for the quickstart config, built once via the `extract` subcommand."""
-    path = tmp_path_factory.mktemp("cache")
-    main(
-        [
-            "extract",
-            "--config",
-            QUICK,
-            "--trainer.logger",
-            "false",
-            "--trainer.default_root_dir",
-            str(path),  # the saved config.yaml goes here, not into the cwd
-            "--data.cache_dir",
-            str(path),
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
-    return path
+@pytest.fixture
+def cache(digits_cache):
+    """Digits caches for the quickstart config (built once per session, see conftest)."""
+    return digits_cache
 
 
 def tags(logdir: Path) -> dict[str, list[str]]:
@@ -62,7 +28,7 @@ def tags(logdir: Path) -> dict[str, list[str]]:
 
 
 def test_fit_writes_scalars_images_and_summary(tmp_path, cache, capsys):
-    main(["fit", *args(tmp_path, cache, "--trainer.max_epochs", "3")])
+    main(["fit", *quick_args(tmp_path, cache, "--trainer.max_epochs", "3")])
     out = capsys.readouterr().out
     assert "zero-shot test accuracy" in out and "learned parameters" in out and "1,536" in out
     logdir = next((tmp_path / "runs").glob("quickstart/version_*"))
@@ -81,7 +47,7 @@ def test_fit_writes_scalars_images_and_summary(tmp_path, cache, capsys):
 
 
 def test_lr_auto_runs_the_finder_and_logs_its_curve(tmp_path, cache):
-    main(["fit", *args(tmp_path, cache, "--trainer.max_epochs", "1", "--model.lr", "auto")])
+    main(["fit", *quick_args(tmp_path, cache, "--trainer.max_epochs", "1", "--model.lr", "auto")])
     logdir = next((tmp_path / "runs").glob("quickstart/version_*"))
     t = tags(logdir)
     assert "lr_finder/curve" in t["images"] and "lr_finder/suggestion" in t["scalars"]
@@ -91,10 +57,10 @@ def test_lr_auto_runs_the_finder_and_logs_its_curve(tmp_path, cache):
 
 
 def test_validate_test_and_predict_from_yaml(tmp_path, cache):
-    main(["fit", *args(tmp_path, cache, "--trainer.max_epochs", "1")])
+    main(["fit", *quick_args(tmp_path, cache, "--trainer.max_epochs", "1")])
     ckpt = next((tmp_path / "runs").glob("quickstart/version_*/checkpoints/last.ckpt"))
-    main(["validate", *args(tmp_path, cache), "--ckpt_path", str(ckpt)])
-    main(["test", *args(tmp_path, cache), "--ckpt_path", str(ckpt)])
+    main(["validate", *quick_args(tmp_path, cache), "--ckpt_path", str(ckpt)])
+    main(["test", *quick_args(tmp_path, cache), "--ckpt_path", str(ckpt)])
     images = tmp_path / "images"
     images.mkdir()
     from PIL import Image
@@ -105,7 +71,7 @@ def test_validate_test_and_predict_from_yaml(tmp_path, cache):
     main(
         [
             "predict",
-            *args(tmp_path, cache),
+            *quick_args(tmp_path, cache),
             "--ckpt_path",
             str(ckpt),
             "--data.predict_path",
@@ -125,46 +91,7 @@ def test_validate_test_and_predict_from_yaml(tmp_path, cache):
 
 def test_predict_without_checkpoint_is_refused(tmp_path, cache):
     with pytest.raises(ValueError, match="--ckpt_path"):
-        main(["predict", *args(tmp_path, cache)])
-
-
-def lambdas(ckpt: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(ckpt, weights_only=True)["state_dict"]
-    return {k: v for k, v in state.items() if k.endswith("_lambdas")}
-
-
-@pytest.mark.slow
-def test_killed_fit_resumes_from_last_ckpt_to_the_same_result(tmp_path, cache):
-    full = tmp_path / "full"
-    main(["fit", *args(full, cache, "--trainer.max_epochs", "4", "--early_stopping.patience", "100")])
-    killed = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-c",
-        "from residual_lightning.cli import main; main()",
-        "fit",
-        *args(killed, cache, "--trainer.max_epochs", "4", "--early_stopping.patience", "100"),
-        "--trainer.callbacks+=tests.cli_helpers.KillDuringEpoch",
-        "--trainer.callbacks.epoch",
-        "2",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == -9, proc.stderr[-3000:]
-    last = next(killed.glob("runs/quickstart/version_*/checkpoints/last.ckpt"))
-    assert torch.load(last, weights_only=True)["epoch"] == 1
-    main(
-        [
-            "fit",
-            *args(killed, cache, "--trainer.max_epochs", "4", "--early_stopping.patience", "100"),
-            "--ckpt_path",
-            str(last),
-        ]
-    )
-    a = lambdas(next(full.glob("runs/quickstart/version_*/checkpoints/last.ckpt")))
-    b = lambdas(sorted(killed.glob("runs/quickstart/version_*/checkpoints/last.ckpt"))[-1])
-    assert a.keys() == b.keys() and len(a) > 0
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+        main(["predict", *quick_args(tmp_path, cache)])
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
@@ -206,8 +133,8 @@ def test_two_process_ddp_extracts_one_cache_and_matches_one_process(tmp_path):
         c = ActivationCache.open(folder)  # complete and every chunk checksum verified
         assert len(c) in (1078, 360, 359)
     epochs = ("--trainer.max_epochs", "2")
-    run_cli("fit", *args(tmp_path / "two", cache, *epochs, *ddp))
-    run_cli("fit", *args(tmp_path / "one", cache, *epochs))
+    run_cli("fit", *quick_args(tmp_path / "two", cache, *epochs, *ddp))
+    run_cli("fit", *quick_args(tmp_path / "one", cache, *epochs))
     assert abs(best_val(tmp_path / "two") - best_val(tmp_path / "one")) <= 0.05
 
 
@@ -216,7 +143,7 @@ def test_bf16_mixed_extraction_and_training(tmp_path):
     main(
         [
             "fit",
-            *args(
+            *quick_args(
                 tmp_path,
                 cache,
                 "--trainer.max_epochs",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,6 +58,14 @@ EXPECTED_CLASSES = {
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+DATA = Path(__file__).parent / "resources"
+
+
+def real_names(filename: str) -> list[str]:
+    """Class names as a real dataset's own file lists them, in its order: typed from the dataset
+    into ``tests/resources/`` (never derived from the shipped lists, which they check)."""
+    return (DATA / filename).read_text(encoding="utf-8").splitlines()
 
 
 def colour(i: int) -> tuple[int, int, int]:
@@ -285,7 +294,8 @@ def test_cifar10_matches_torchvision(tmp_path, no_md5):
     base.mkdir()
     for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         (base / f).write_bytes(pickle.dumps(_cifar_batch(rng, 3, "labels", 10)))
-    (base / "batches.meta").write_bytes(pickle.dumps({"label_names": load_class_names("cifar10")}))
+    label_names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (base / "batches.meta").write_bytes(pickle.dumps({"label_names": label_names}))
     for split in ("train", "test"):
         ds = load_dataset("cifar10", tmp_path, split)
         check_dataset(ds, "cifar10")
@@ -296,7 +306,7 @@ def test_cifar10_matches_torchvision(tmp_path, no_md5):
             assert np.array_equal(np.asarray(ds[i][0]), np.asarray(tv[i][0]))
 
 
-def test_cifar100_channel_layout(tmp_path, no_md5):
+def _cifar100_root(tmp_path, fine_label_names):
     rng = np.random.default_rng(1)
     base = tmp_path / "cifar-100-python"
     base.mkdir()
@@ -304,7 +314,12 @@ def test_cifar100_channel_layout(tmp_path, no_md5):
     train["data"][0] = np.repeat(np.array([255, 0, 7], np.uint8), 1024)  # planar R, G, B
     (base / "train").write_bytes(pickle.dumps(train))
     (base / "test").write_bytes(pickle.dumps(_cifar_batch(rng, 2, "fine_labels", 100)))
-    (base / "meta").write_bytes(pickle.dumps({"fine_label_names": ["x"] * 100}))
+    (base / "meta").write_bytes(pickle.dumps({"fine_label_names": fine_label_names}))
+    return tmp_path
+
+
+def test_cifar100_channel_layout(tmp_path, no_md5):
+    _cifar100_root(tmp_path, real_names("cifar100_fine_label_names.txt"))
     ds = load_dataset("cifar100", tmp_path, "train")
     check_dataset(ds, "cifar100")
     assert ds[0][0].getpixel((5, 9)) == (255, 0, 7)
@@ -447,30 +462,38 @@ def _mat_records(fnames, classes):
     return {"annotations": records}
 
 
-def test_stanford_cars_matches_torchvision(tmp_path):
+def _stanford_cars_root(tmp_path, class_names):
+    """cars_meta.mat with `class_names`, 3 train and 2 test images with their annotations."""
     base = tmp_path / "stanford_cars"
     (base / "devkit").mkdir(parents=True)
-    names = np.array(load_class_names("stanford_cars"), dtype=object)
+    names = np.array(class_names, dtype=object)
     scipy.io.savemat(base / "devkit" / "cars_meta.mat", {"class_names": names.reshape(1, -1)})
-    for split, folder, mat, classes in (
-        ("train", "cars_train", base / "devkit" / "cars_train_annos.mat", [1, 196, 5]),
-        ("test", "cars_test", base / "cars_test_annos_withlabels.mat", [7, 2]),
+    for folder, mat, classes in (
+        ("cars_train", base / "devkit" / "cars_train_annos.mat", [1, 196, 5]),
+        ("cars_test", base / "cars_test_annos_withlabels.mat", [7, 2]),
     ):
         fnames = [f"{k + 1:05d}.jpg" for k in range(len(classes))]
         for k, f in enumerate(fnames):
             write_image(base / folder / f, 10 * len(classes) + k)
         scipy.io.savemat(mat, _mat_records(fnames, classes))
+    return tmp_path
+
+
+def test_stanford_cars_matches_torchvision(tmp_path):
+    _stanford_cars_root(tmp_path, real_names("stanford_cars_meta_class_names.txt"))
+    for split, classes in (("train", [1, 196, 5]), ("test", [7, 2])):
         ds = load_dataset("stanford_cars", tmp_path, split)
         check_dataset(ds, "stanford_cars")
         assert ds.targets.tolist() == [c - 1 for c in classes]
         assert pairs(ds) == pairs(tvd.StanfordCars(str(tmp_path), split=split))
+    assert ds.class_names[1] == "Acura RL Sedan 2012"  # test label 2 of cars_meta.mat
 
 
-def test_food101_matches_torchvision(tmp_path):
+def _food101_root(tmp_path, classes_txt):
+    """meta/classes.txt from `classes_txt`; one image per real class, every 25th also in test."""
     base = tmp_path / "food-101"
-    folders = [n.replace(" ", "_") for n in load_class_names("food101")]
     train, test = {}, {}
-    for i, folder in enumerate(folders):
+    for i, folder in enumerate(real_names("food101_classes.txt")):
         write_image(base / "images" / folder / f"{i}.jpg", i)
         train[folder] = [f"{folder}/{i}"]
         if i % 25 == 0:
@@ -478,11 +501,52 @@ def test_food101_matches_torchvision(tmp_path):
     (base / "meta").mkdir()
     (base / "meta" / "train.json").write_text(json.dumps(train))
     (base / "meta" / "test.json").write_text(json.dumps(test))
+    (base / "meta" / "classes.txt").write_text("\n".join(classes_txt) + "\n")
+    return tmp_path
+
+
+def test_food101_matches_torchvision(tmp_path):
+    _food101_root(tmp_path, real_names("food101_classes.txt"))
     ds = load_dataset("food101", tmp_path, "train")
     check_dataset(ds, "food101")
     assert ds.targets.tolist() == list(range(101))
     assert pairs(ds) == pairs(tvd.Food101(str(tmp_path), split="train"))
     assert load_dataset("food101", tmp_path, "test").targets.tolist() == [0, 25, 50, 75, 100]
+
+
+def _swap(names, i, j):
+    names = list(names)
+    names[i], names[j] = names[j], names[i]
+    return names
+
+
+@pytest.mark.parametrize(
+    ("name", "build", "names_file", "meta", "i"),
+    [
+        ("stanford_cars", _stanford_cars_root, "stanford_cars_meta_class_names.txt", "cars_meta.mat", 5),
+        ("cifar100", _cifar100_root, "cifar100_fine_label_names.txt", "meta", 41),
+        ("food101", _food101_root, "food101_classes.txt", "classes.txt", 16),
+    ],
+)
+def test_shipped_class_names_checked_against_the_datas_own_list(tmp_path, name, build, names_file, meta, i):
+    real = real_names(names_file)
+    build(tmp_path, _swap(real, i, i + 1))  # e.g. cheese_plate <-> cheesecake
+    with pytest.raises(ValueError) as err:
+        load_dataset(name, tmp_path, "train")
+    msg = str(err.value)
+    assert meta in msg and f"first difference at index {i} (label {i})" in msg
+    assert repr(real[i + 1]) in msg and repr(load_class_names(name)[i]) in msg
+    assert "class_names_file" in msg
+    # a class-names file of the user's replaces the shipped list: nothing to check against
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(_swap(real, i, i + 1)) + "\n")
+    assert load_dataset(name, tmp_path, "train", class_names_file=names).class_names[i] == real[i + 1]
+
+
+def test_stanford_cars_meta_with_missing_name_is_refused(tmp_path):
+    _stanford_cars_root(tmp_path, real_names("stanford_cars_meta_class_names.txt")[:-1])
+    with pytest.raises(ValueError, match=r"cars_meta.mat .*the file has 195 names, the shipped list 196"):
+        load_dataset("stanford_cars", tmp_path, "test")
 
 
 def test_flowers102_matches_torchvision(tmp_path, no_md5):

@@ -228,9 +228,14 @@ def test_save_load_round_trip(tmp_path, compact):
 
     from safetensors.torch import save_file
 
+    from residual_lightning.files import CacheError, save_tensors
+
     other = tmp_path / "other.safetensors"
-    save_file({"x": torch.zeros(2)}, str(other))
-    with pytest.raises(ValueError, match="not a residual_lightning.UnitBases file"):
+    save_tensors(other, {"x": torch.zeros(2)}, "classifier", None)
+    with pytest.raises(CacheError, match="is not a bases file"):
+        UnitBases.load(other)
+    save_file({"x": torch.zeros(2)}, str(other))  # no kind, format or checksum: an older version's file
+    with pytest.raises(CacheError, match="written by an older residual-lightning"):
         UnitBases.load(other)
 
 

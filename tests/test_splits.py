@@ -180,3 +180,25 @@ def test_few_shot_error_names_the_class():
         few_shot(y, np.arange(20), 1)
     with pytest.raises(ValueError, match="shots"):
         few_shot(y, train, 0)
+
+
+def test_empty_parts_are_refused_before_anything_is_built():
+    y = np.repeat(np.arange(3), 5)
+    with pytest.raises(ValueError) as err:  # a holdout with no validation
+        make_splits("cifar10", y, y, fractions=(1.0, 0.0))
+    msg = str(err.value)
+    assert "cifar10: the val part would be empty: fractions [1.0, 0.0] (train, val)" in msg
+    assert "15 samples in 3 classes, samples per class {0: 5, 1: 5, 2: 5}" in msg
+    assert "fractions=[0.9, 0.1]" in msg
+    with pytest.raises(ValueError, match="test part is empty: source split 'test' has no samples"):
+        make_splits("cifar10", y, [])
+    with pytest.raises(ValueError, match="test part is empty: source split 'val' has no samples"):
+        make_splits("imagenet", y, [])  # ImageNet tests on its val source
+    with pytest.raises(ValueError, match="flowers102: the val part is empty: source split 'val'"):
+        make_splits("flowers102", [0, 1], [0, 1], targets_val=[])
+    with pytest.raises(ValueError, match=r"the test part would be empty: fractions \[0.5, 0.5, 0.0\]"):
+        make_splits("eurosat", y, fractions=(0.5, 0.5, 0.0))
+    with pytest.raises(ValueError, match=r"the val part would be empty: .*\(with 3\+ samples per class"):
+        make_splits("sun397", np.arange(3))  # 3 classes of one sample cannot fill val and test
+    with pytest.raises(ValueError, match=r"12 classes of 1\.\.4 samples; .*give test a positive fraction"):
+        make_splits("sun397", np.r_[np.arange(12), 0, 0, 0], fractions=(0.9, 0.1, 0.0))

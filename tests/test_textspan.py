@@ -204,4 +204,4 @@ def test_encode_bank_is_normalised_and_cached(tmp_path):
     assert np.allclose(emb.norm(dim=-1).numpy(), 1.0, atol=1e-5)
     again = encode_bank(spec, descriptions, cache_dir=tmp_path)
     assert spec.loads == 1 and torch.equal(emb, again)
-    assert len(list(tmp_path.glob("bank-*.safetensors"))) == 1
+    assert len(list(tmp_path.glob("classifier-*.safetensors"))) == 1

@@ -283,32 +283,20 @@ def encode_bank(
             when the embeddings are not cached).
         descriptions: the M descriptions (encoded as they are, no template).
         batch_size: descriptions per forward pass of the text tower.
-        cache_dir: folder of a ``bank-<key>.safetensors`` file keyed like the text classifier
-            (backbone weights and the descriptions); None encodes every time.
+        cache_dir: folder of the cached embeddings (a text-classifier file keyed by the backbone
+            weights and the descriptions); None encodes every time.
     """
-    from safetensors.torch import load_file, save_file
-
-    from residual_lightning.classifier import classifier_key, text_classifier
+    from residual_lightning.classifier import load_or_build_classifier, text_classifier
 
     descriptions = list(descriptions)
     if not descriptions:
         raise ValueError("the description bank is empty")
-    loaded = backbone if hasattr(backbone, "model") else None
-    path = None
-    if cache_dir is not None:
-        key = classifier_key(backbone.weights_id, backbone.model_name, descriptions, ["{}"])
-        path = Path(cache_dir) / f"bank-{key}.safetensors"
-        if path.exists():
-            return load_file(str(path))["embeddings"]
-    loaded = loaded or backbone.load()
     # A one-template "classifier" of the descriptions is exactly their normalised embeddings.
-    emb = text_classifier(loaded.model, loaded.tokenizer, descriptions, ["{}"], batch_size=batch_size).cpu()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"embeddings": emb.float().contiguous()}, str(tmp))
-        tmp.replace(path)
-    return emb.float()
+    if cache_dir is not None:  # cached (verified, atomic) like every text classifier
+        return load_or_build_classifier(backbone, descriptions, ["{}"], cache_dir)[0].float()
+    loaded = backbone if hasattr(backbone, "model") else backbone.load()
+    emb = text_classifier(loaded.model, loaded.tokenizer, descriptions, ["{}"], batch_size=batch_size)
+    return emb.cpu().float()
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
+from jsonargparse.typing import PositiveInt
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from residual_lightning.data.cache import ActivationCache, CacheError, CacheKey, open_or_none
 from residual_lightning.data.extract import ExtractionJob, IndexedDataset, build_cache
+from residual_lightning.data.identity import part_digest
 from residual_lightning.data.registry import get_dataset_spec, load_split_datasets
 from residual_lightning.spectral import UnitBases, fit_unit_bases
 from residual_lightning.units import BackboneSpec, layout_from_config
@@ -127,10 +131,14 @@ class ResidualDataModule(L.LightningDataModule):
         reference_root: ImageNet root for ``reference: imagenet``.
         reference_size: number of reference images (the authors: 80,000).
         convention: decomposition convention (``default`` or ``equal_share``).
+        hash_contents: also hash every image file's bytes into the cache key (for files replaced
+            in place under the same name and size); by default the key covers each file's path
+            relative to the root, its size and its label.
         cache_dir: root folder of caches, bases and classifiers.
         cache_dtype: storage dtype of the caches.
         chunk_size: samples per resumable cache chunk.
-        on_mismatch: a cache failing its checks raises (``error``) or is rebuilt with a warning.
+        on_mismatch: a cache, PCA-bases or classifier file failing its checks (truncated,
+            altered, stale) raises (``error``) or is rebuilt with a warning (``rebuild``).
         extract_batch_size: images per forward pass during extraction.
         extract_device: device of the frozen backbone during extraction (``auto``: CUDA if present).
         batch_size: global training batch (divided by the number of devices).
@@ -158,14 +166,15 @@ class ResidualDataModule(L.LightningDataModule):
         reference_root: str | None = None,
         reference_size: int = 80_000,
         convention: Literal["default", "equal_share"] = "default",
+        hash_contents: bool = False,
         cache_dir: str = DEFAULT_CACHE_DIR,
         cache_dtype: Literal["float16", "float32"] = "float16",
-        chunk_size: int = 1024,
+        chunk_size: PositiveInt = 1024,
         on_mismatch: Literal["error", "rebuild"] = "error",
-        extract_batch_size: int = 64,
+        extract_batch_size: PositiveInt = 64,
         extract_device: str = "auto",
-        batch_size: int = 64,
-        eval_batch_size: int = 1024,
+        batch_size: PositiveInt = 64,
+        eval_batch_size: PositiveInt = 1024,
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
@@ -173,6 +182,13 @@ class ResidualDataModule(L.LightningDataModule):
         mode: Literal["cache", "images"] = "cache",
     ) -> None:
         super().__init__()
+        # Plain ints (jsonargparse's PositiveInt values are a subclass); checked for direct calls too.
+        chunk_size, extract_batch_size, batch_size, eval_batch_size = _positive_ints(
+            chunk_size=chunk_size,
+            extract_batch_size=extract_batch_size,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+        )
         self.backbone = backbone or BackboneSpec()
         self.spec = get_dataset_spec(dataset)
         self.dataset = self.spec.name
@@ -184,18 +200,24 @@ class ResidualDataModule(L.LightningDataModule):
         if reference == "imagenet" and reference_root is None:
             raise ValueError("reference: imagenet needs reference_root (an ImageFolder root with train/)")
         self.convention = convention
+        self.hash_contents = hash_contents
+        self._digests: dict[str, str] | None = None  # data identity of each part (cache keys)
         self.cache_dir = Path(cache_dir)
         self.cache_dtype, self.chunk_size, self.on_mismatch = cache_dtype, chunk_size, on_mismatch
         self.extract_batch_size, self.extract_device = extract_batch_size, extract_device
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
         self.predict_path = predict_path
+        self.predict_on_bad_image: Literal["raise", "skip"] = "raise"  # `predict --skip_bad_images`
+        self.predict_skipped: list[str] = []
         self.mode = mode
         self.images: dict[str, Dataset] = {}
         self.caches: dict[str, ActivationCache] = {}
         self._backbone = None
         self._bases: UnitBases | None = None
-        self._class_names: list[str] | None = list(self.spec.class_names) if self.spec.class_names else None
+        # A class-names file replaces the shipped names: known once the data is read.
+        shipped = self.spec.class_names and "class_names_file" not in self.dataset_options
+        self._class_names: list[str] | None = list(self.spec.class_names) if shipped else None
         self._templates: list[str] = list(self.spec.templates)
 
     # ---------------------------------------------------------------- what the model must know
@@ -249,7 +271,33 @@ class ResidualDataModule(L.LightningDataModule):
             preprocessing=preprocessing,
             convention=self.convention,
             dtype=self.cache_dtype,
+            data=self.data_digests()[part],
         )
+
+    def data_digests(self) -> dict[str, str]:
+        """The identity of each part's data (`residual_lightning.data.identity`), computed once.
+
+        `setup` computes it on global rank 0 and broadcasts it, so every rank keys the same caches.
+        """
+        if self._digests is None:
+            parts = self._load_parts(transform=None)
+            self._digests = {
+                part: part_digest(
+                    parts[part],
+                    self.reference_root if part == "reference" else self.root,
+                    self.hash_contents,
+                )
+                for part in self.parts()
+            }
+        return self._digests
+
+    def _share_digests(self) -> None:
+        """Global rank 0's data digests, broadcast to every rank (called from `setup`)."""
+        rank, world = self._rank_world()
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            box = [self.data_digests() if rank == 0 else None]
+            torch.distributed.broadcast_object_list(box, src=0)
+            self._digests = box[0]
 
     def parts(self) -> list[str]:
         """Parts that get a cache (``reference`` only with an ImageNet reference)."""
@@ -331,16 +379,12 @@ class ResidualDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build missing caches and the text classifier (one process). Nothing to do when all exist."""
-        from residual_lightning.classifier import load_or_build_classifier
-
         if self.mode == "images":  # finetune reads images: only the text classifier is prepared
-            if not self._classifier_path_exists():
-                load_or_build_classifier(
-                    self.loaded_backbone(), self.class_names, self.templates, self.cache_dir
-                )
+            self.classifier()
             return
         missing = self.missing()
-        if not missing and self._classifier_path_exists():
+        if not missing:
+            self.classifier()  # verified; built or rebuilt (loading the backbone) only if it must be
             return
         world = self.trainer.world_size if self.trainer is not None else 1
         if missing and world > 1:
@@ -359,15 +403,7 @@ class ResidualDataModule(L.LightningDataModule):
                 num_workers=self.num_workers,
                 on_mismatch=self.on_mismatch,
             )
-        load_or_build_classifier(backbone, self.class_names, self.templates, self.cache_dir)
-
-    def _classifier_path_exists(self) -> bool:
-        from residual_lightning.classifier import classifier_key
-
-        key = classifier_key(
-            self.backbone.weights_id, self.backbone.model_name, self.class_names, self.templates
-        )
-        return (self.cache_dir / f"classifier-{key}.safetensors").exists()
+        self.classifier()
 
     # ---------------------------------------------------------------- reading
 
@@ -384,6 +420,7 @@ class ResidualDataModule(L.LightningDataModule):
         if self.mode == "images":
             self.images = self._load_parts(self.loaded_backbone().transform)
             return
+        self._share_digests()
         pre = self.preprocessing()
         for part, path in self.cache_paths().items():
             if not (path / "meta.json").exists():
@@ -406,10 +443,16 @@ class ResidualDataModule(L.LightningDataModule):
         return self.caches["train"].head_maps
 
     def classifier(self) -> tuple[torch.Tensor, float]:
-        """(C, D) text classifier and logit scale (built in prepare_data)."""
+        """(C, D) text classifier and logit scale: built in prepare_data, verified whenever read.
+
+        The backbone is loaded only when the file has to be (re)built.
+        """
         from residual_lightning.classifier import load_or_build_classifier
 
-        return load_or_build_classifier(self.backbone, self.class_names, self.templates, self.cache_dir)
+        backbone = self._backbone if self._backbone is not None else self.backbone
+        return load_or_build_classifier(
+            backbone, self.class_names, self.templates, self.cache_dir, self.on_mismatch
+        )
 
     def bases(self) -> UnitBases:
         """PCA bases of every unit on the reference set, fitted once into a keyed file.
@@ -419,11 +462,18 @@ class ResidualDataModule(L.LightningDataModule):
         """
         if self._bases is not None:  # the model and the plots callback both ask for them
             return self._bases
-        ref_key = self.key("reference" if self.reference == "imagenet" else "train", self.preprocessing())
-        path = self.cache_dir / f"bases-{ref_key.digest()}.safetensors"
+        path, key = self.bases_path(), asdict(self._reference_key())
         rank, world = self._rank_world()
+        loaded = False
         if _rank0_says(path.exists(), world):  # every rank takes rank 0's branch (all_reduce below)
-            self._bases = UnitBases.load(path)
+            try:
+                self._bases = UnitBases.load(path, key=key)
+                loaded = True
+            except CacheError as err:
+                if self.on_mismatch != "rebuild":
+                    raise CacheError(f"{err}; delete it or pass --data.on_mismatch rebuild") from err
+                warnings.warn(f"{err}; refitting the PCA bases", stacklevel=2)
+        if _rank0_says(loaded, world):
             return self._bases
         ref = self.reference_cache()
         shard = (b for i, b in enumerate(ref.iter_batches(2048)) if i % world == rank)
@@ -431,14 +481,19 @@ class ResidualDataModule(L.LightningDataModule):
             shard,
             ref.head_maps,
             convention=self.convention,
-            metadata={"reference": self.reference, "dataset": ref_key.dataset, "samples": len(ref)},
+            metadata={"reference": self.reference, "dataset": key["dataset"], "samples": len(ref)},
         )
         if rank == 0:
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            bases.save(tmp)
-            tmp.replace(path)
+            bases.save(path, key=key)  # atomic, checksummed
         self._bases = bases
         return bases
+
+    def _reference_key(self) -> CacheKey:
+        return self.key("reference" if self.reference == "imagenet" else "train", self.preprocessing())
+
+    def bases_path(self) -> Path:
+        """The PCA-bases file, keyed by the reference part's cache key."""
+        return self.cache_dir / f"bases-{self._reference_key().digest()}.safetensors"
 
     def reference_cache(self) -> ActivationCache:
         """The cache PCA bases are fitted on."""
@@ -506,8 +561,17 @@ class ResidualDataModule(L.LightningDataModule):
                 raise FileNotFoundError(
                     f"no images ({', '.join(IMAGE_EXTENSIONS)}) under predict_path {root}"
                 )
-            data = ImageListDataset(files, [-1] * len(files), self.class_names, self.templates, transform)
-            names = [str(f) for f in files]
+            data = ImageListDataset(
+                files,
+                [-1] * len(files),
+                self.class_names,
+                self.templates,
+                transform,
+                on_bad_image=self.predict_on_bad_image,
+                name="predict_path",
+            )
+            self.predict_skipped = list(data.skipped_files)
+            names = list(data.paths)
         else:
             data = self._load_parts(transform)["test"]
             paths = getattr(getattr(data, "dataset", None), "paths", None)
@@ -538,6 +602,16 @@ def build_caches(datamodule: ResidualDataModule) -> dict[str, ActivationCache]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule.caches
+
+
+def _positive_ints(**values: int) -> tuple[int, ...]:
+    """The values as plain ints; a clear error naming the setting for one that is not positive."""
+    out = []
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+        out.append(int(value))
+    return tuple(out)
 
 
 def _rank0_says(flag: bool, world: int) -> bool:

@@ -19,7 +19,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from residual_lightning.data.cache import ActivationCache, CacheKey, CacheWriter, cache_lock, open_or_none
+from residual_lightning.data.cache import (
+    ActivationCache,
+    CacheKey,
+    CacheWriter,
+    OnMismatch,
+    cache_lock,
+    open_or_none,
+)
 from residual_lightning.units import decompose_compact, unit_layout
 
 log = logging.getLogger(__name__)
@@ -97,7 +104,7 @@ def build_cache(
     chunk_size: int = 1024,
     num_workers: int = 0,
     autocast_dtype: torch.dtype | None = None,
-    on_mismatch: str = "error",
+    on_mismatch: OnMismatch = "error",
     progress: bool = True,
 ) -> ActivationCache:
     """Build (or resume, or just open) the cache of one dataset part in this process.
@@ -114,7 +121,7 @@ def build_cache(
     """
     job.path.parent.mkdir(parents=True, exist_ok=True)
     with cache_lock(job.path):
-        cache = open_or_none(job.path, job.key, on_mismatch)  # type: ignore[arg-type]
+        cache = open_or_none(job.path, job.key, on_mismatch)
         if cache is not None:
             return cache
         writer = open_writer(job, model, chunk_size)
@@ -150,6 +157,8 @@ class Extractor(L.LightningModule):
         batch_size: images per forward pass.
         chunk_size: samples per chunk.
         num_workers: DataLoader workers.
+        on_mismatch: a cache that fails its checks raises (``error``) or is rebuilt (``rebuild``;
+            checksums are then verified first).
     """
 
     def __init__(
@@ -159,6 +168,7 @@ class Extractor(L.LightningModule):
         batch_size: int = 64,
         chunk_size: int = 1024,
         num_workers: int = 0,
+        on_mismatch: OnMismatch = "error",
     ) -> None:
         super().__init__()
         self.backbone = model
@@ -166,21 +176,26 @@ class Extractor(L.LightningModule):
         self.batch_size = batch_size
         self.chunk_size = chunk_size
         self.num_workers = num_workers
+        self.on_mismatch = on_mismatch
         self.steps: dict[int, _WriteStep] = {}
 
     def setup(self, stage: str) -> None:
-        """Rank 0 creates the files, then every rank opens them."""
+        """Rank 0 checks the caches and creates the files of missing ones (under each cache's
+        lock, so it never meets another process creating or restarting them); then every rank
+        opens them."""
         self.backbone.eval().requires_grad_(False)
-        for job in self.jobs:
-            job.path.parent.mkdir(parents=True, exist_ok=True)
-        todo = [i for i, job in enumerate(self.jobs) if open_or_none(job.path, job.key, verify=False) is None]
         if self.global_rank == 0:
-            for i in todo:
-                open_writer(self.jobs[i], self.backbone, self.chunk_size, rank=0)
+            for job in self.jobs:
+                job.path.parent.mkdir(parents=True, exist_ok=True)
+                with cache_lock(job.path):
+                    verify = self.on_mismatch == "rebuild"
+                    if open_or_none(job.path, job.key, self.on_mismatch, verify=verify) is None:
+                        open_writer(job, self.backbone, self.chunk_size, rank=0)
         self.trainer.strategy.barrier("extract-setup")
-        for i in todo:
-            writer = open_writer(self.jobs[i], self.backbone, self.chunk_size, rank=self.global_rank)
-            self.steps[i] = _WriteStep(self.backbone, writer, writer.key.convention, None)
+        for i, job in enumerate(self.jobs):
+            if open_or_none(job.path, job.key, verify=False) is None:
+                writer = open_writer(job, self.backbone, self.chunk_size, rank=self.global_rank)
+                self.steps[i] = _WriteStep(self.backbone, writer, writer.key.convention, None)
 
     def predict_dataloader(self) -> DataLoader:
         """One loader over this rank's share of every cache's pending chunks: items (job, index)."""

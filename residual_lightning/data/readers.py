@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import pickle
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from residual_lightning.data.templates import (
     DTD_CLASSES,
     EUROSAT_FOLDER_NAMES,
     RESISC45_CLASSES,
+    check_shipped_class_names,
     clean_class_name,
     load_class_names,
     sun397_class_name,
@@ -47,7 +47,7 @@ class _Source:
 
 _LAYOUTS = {
     "cifar10": "<root>/cifar-10-batches-py/{data_batch_1..data_batch_5, test_batch} (CIFAR's python pickles)",
-    "cifar100": "<root>/cifar-100-python/{train, test} (CIFAR's python pickles)",
+    "cifar100": "<root>/cifar-100-python/{train, test, meta} (CIFAR's python pickles)",
     "mnist": "<root>/MNIST/raw/{train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
     "t10k-labels-idx1-ubyte} (uncompressed idx files)",
     "svhn": "<root>/{train_32x32.mat, test_32x32.mat} (SVHN cropped digits, format 2)",
@@ -60,7 +60,7 @@ _LAYOUTS = {
     "sun397": "<root>/SUN397/ClassName.txt and <root>/SUN397/<letter>/<category>[/<subcategory>]/sun_*.jpg",
     "stanford_cars": "<root>/stanford_cars/{devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/*.jpg, "
     "cars_test_annos_withlabels.mat, cars_test/*.jpg}",
-    "food101": "<root>/food-101/{meta/train.json, meta/test.json, images/<class>/<id>.jpg}",
+    "food101": "<root>/food-101/{meta/train.json, meta/test.json, meta/classes.txt, images/<class>/<id>.jpg}",
     "flowers102": "<root>/flowers-102/{jpg/image_NNNNN.jpg, imagelabels.mat, setid.mat}",
     "imagenet": "<root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG: 1000 WordNet-id folders in each "
     "(ILSVRC2012, validation images moved into class folders)",
@@ -176,7 +176,7 @@ def _fetcher(name: str, root: Path, split: str) -> Callable[[], Any] | None:
 
 
 def _read_cifar(
-    name: str, root: Path | None, split: str, download: bool, folder: str, label_key: str
+    name: str, root: Path | None, split: str, download: bool, folder: str, label_key: str, check_names: bool
 ) -> _Source:
     root = _root_for(name, root, download)
     if name == "cifar10":
@@ -185,6 +185,14 @@ def _read_cifar(
         files = [split]  # cifar-100-python/{train,test}
     paths = [root / folder / f for f in files]
     _ensure(name, root, paths, download, _fetcher(name, root, split))
+    meta, key = ("batches.meta", "label_names") if name == "cifar10" else ("meta", "fine_label_names")
+    if check_names and (root / folder / meta).is_file():  # the labels index this list
+        with open(root / folder / meta, "rb") as fh:
+            entry = pickle.load(fh, encoding="latin1")
+        if not isinstance(entry, dict) or key not in entry:
+            found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise ValueError(f"{name}: {root / folder / meta} has no {key!r} list (found: {found})")
+        check_shipped_class_names(name, list(entry[key]), root / folder / meta)
     images, labels = [], []
     for p in paths:
         with open(p, "rb") as fh:
@@ -196,11 +204,13 @@ def _read_cifar(
 
 
 def _read_cifar10(root, split, *, download, image_size, class_names):
-    return _read_cifar("cifar10", root, split, download, "cifar-10-batches-py", "labels")
+    return _read_cifar("cifar10", root, split, download, "cifar-10-batches-py", "labels", class_names is None)
 
 
 def _read_cifar100(root, split, *, download, image_size, class_names):
-    return _read_cifar("cifar100", root, split, download, "cifar-100-python", "fine_labels")
+    return _read_cifar(
+        "cifar100", root, split, download, "cifar-100-python", "fine_labels", class_names is None
+    )
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -367,6 +377,15 @@ def _read_stanford_cars(root, split, *, download, image_size, class_names):
     else:
         annotations, images = base / "cars_test_annos_withlabels.mat", base / "cars_test"
     _ensure("stanford_cars", root, [base / "devkit", annotations, images], False, None)
+    meta = base / "devkit" / "cars_meta.mat"
+    if class_names is None and meta.is_file():  # the labels index this list
+        mat = _loadmat(meta)
+        if "class_names" not in mat:
+            found = sorted(k for k in mat if not k.startswith("__"))
+            raise ValueError(f"stanford_cars: {meta} has no 'class_names' variable (found: {found})")
+        check_shipped_class_names(
+            "stanford_cars", [str(n) for n in np.atleast_1d(mat["class_names"])], meta, clean=False
+        )
     records = np.atleast_1d(_loadmat(annotations)["annotations"])
     paths = [images / str(r["fname"]) for r in records]
     labels = [int(r["class"]) - 1 for r in records]  # the .mat labels start at 1
@@ -378,6 +397,13 @@ def _read_food101(root, split, *, download, image_size, class_names):
     base = root / "food-101"
     meta = base / "meta" / f"{split}.json"
     _ensure("food101", root, [meta, base / "images"], download, _fetcher("food101", root, split))
+    classes = base / "meta" / "classes.txt"
+    if class_names is None and classes.is_file():
+        check_shipped_class_names(
+            "food101",
+            [c.strip() for c in classes.read_text(encoding="utf-8").splitlines() if c.strip()],
+            classes,
+        )
     index = {n: i for i, n in enumerate(load_class_names("food101"))}
     paths, labels = [], []
     for folder, rel_paths in json.loads(meta.read_text()).items():
@@ -439,82 +465,6 @@ def _read_imagefolder(root, split, *, download, image_size, class_names):
         labels += [label] * len(files)
     return _Source(
         labels=np.asarray(labels, np.int64), paths=paths, class_names=[clean_class_name(d.name) for d in dirs]
-    )
-
-
-_PATH_COLUMNS = ("path", "image", "image_path", "filepath", "file", "filename")
-_LABEL_COLUMNS = ("label", "class", "target", "y", "class_name")
-
-
-def _read_csv(
-    root,
-    split,
-    *,
-    download,
-    image_size,
-    class_names,
-    path_column: str | None = None,
-    label_column: str | None = None,
-    delimiter: str = ",",
-):
-    if root is None:
-        raise ValueError(f"csv needs root = the CSV file. Expected: {_LAYOUTS['csv']}")
-    if not root.is_file():
-        raise _missing_error("csv", root, f"CSV file {root} not found")
-    with open(root, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-
-    def pick(given: str | None, candidates: tuple[str, ...], what: str) -> str:
-        if given is not None:
-            if given not in columns:
-                raise ValueError(f"CSV {root}: no {what} column {given!r}; columns: {columns}")
-            return given
-        for c in candidates:
-            if c in columns:
-                return c
-        raise ValueError(
-            f"CSV {root}: no {what} column; name one of {list(candidates)} or pass it; columns: {columns}"
-        )
-
-    pcol = pick(path_column, _PATH_COLUMNS, "image-path")
-    lcol = pick(label_column, _LABEL_COLUMNS, "label")
-    if not rows:
-        raise ValueError(f"CSV {root} has no data rows")
-    raw_labels = [r[lcol] for r in rows]
-    if all(re.fullmatch(r"\d+", x) for x in raw_labels):
-        labels = np.asarray([int(x) for x in raw_labels], np.int64)
-        n_data = int(labels.max()) + 1
-        if class_names is not None and n_data > len(class_names):
-            raise ValueError(
-                f"CSV {root}: labels go up to {n_data - 1} ({n_data} classes) but the class-names file "
-                f"has {len(class_names)} names"
-            )
-        names = list(class_names) if class_names is not None else [str(i) for i in range(n_data)]
-    else:
-        distinct = sorted(set(raw_labels))
-        if class_names is not None:
-            index = {n: i for i, n in enumerate(class_names)}
-            unknown = [x for x in distinct if x not in index]
-            if unknown:
-                raise ValueError(
-                    f"CSV {root}: {len(distinct)} distinct labels, {len(unknown)} of them not among the "
-                    f"{len(class_names)} names of the class-names file, e.g. {unknown[:3]}"
-                )
-            names = list(class_names)
-        else:
-            index = {n: i for i, n in enumerate(distinct)}
-            names = [clean_class_name(n) for n in distinct]
-        labels = np.asarray([index[x] for x in raw_labels], np.int64)
-    base = root.parent
-    paths = [Path(r[pcol]) if Path(r[pcol]).is_absolute() else base / r[pcol] for r in rows]
-    return _Source(
-        labels=labels,
-        paths=paths,
-        class_names=names,
-        check_files=True,
-        names_from_file=class_names is not None,
     )
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "open_rgb",
 ]
 
+from residual_lightning.data.csv_reader import _read_csv
 from residual_lightning.data.images import (
     ArrayImageDataset,
     BadImageError,
@@ -68,7 +69,6 @@ from residual_lightning.data.readers import (
     _LAYOUTS,
     _read_cifar10,
     _read_cifar100,
-    _read_csv,
     _read_digits,
     _read_dtd,
     _read_eurosat,
@@ -371,6 +371,9 @@ def load_split_datasets(
     Returns:
         ``{"train": ..., "val": ..., "test": ...}``, Subsets of the source datasets exposing
         ``targets``, ``class_names``, ``templates`` and ``source_indices``.
+
+    Raises:
+        ValueError: fewer than 2 classes, or a part that would be empty (see `make_splits`).
     """
     spec = get_dataset_spec(name)
     protocol = spec.split_protocol
@@ -381,6 +384,14 @@ def load_split_datasets(
     )
     sources = _splits.split_sources(spec.name, fallback=fallback)
     loaded = {s: load_dataset(spec.name, root, s, transform, **kw) for s in dict.fromkeys(sources.values())}
+    names = next(iter(loaded.values())).class_names
+    if len(names) < 2:
+        raise ValueError(
+            f"{spec.name} at {root}: found {len(names)} class(es) {list(names)}; classification needs "
+            "at least 2. "
+            "For imagefolder: one sub-folder per class under root; for csv: at least 2 distinct labels "
+            "(or a class_names_file naming every class)."
+        )
     if protocol.kind == "official" and not fallback:
         idx = _splits.make_splits(
             spec.name, loaded["train"].targets, loaded["test"].targets, targets_val=loaded["val"].targets

@@ -189,6 +189,45 @@ def stratified_split(
     return [np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, np.int64) for p in parts]
 
 
+def _class_counts(y: np.ndarray) -> str:
+    labels, counts = np.unique(y, return_counts=True)
+    if labels.size <= 10:
+        return f"{labels.size} classes, samples per class {dict(zip(labels.tolist(), counts.tolist()))}"
+    return f"{labels.size} classes of {counts.min()}..{counts.max()} samples"
+
+
+def _refuse_empty(
+    name: str,
+    idx: dict[str, np.ndarray],
+    protocol: SplitProtocol,
+    y: np.ndarray,
+    fractions: tuple[float, ...],
+) -> dict[str, np.ndarray]:
+    """Raise if a part is empty: every part is used (train fits, val selects, test reports)."""
+    empty = [p for p in PARTS if idx[p].size == 0]
+    if not empty:
+        return idx
+    part = empty[0]
+    used = "every part is used (train fits, val selects the model, test reports)"
+    cut = PARTS[: len(fractions)]
+    if part not in cut:  # a whole source split: official train/val/test, or the holdout's test
+        source = protocol.test_source if protocol.kind == "holdout" else part
+        raise ValueError(
+            f"{name}: the {part} part is empty: source split {source!r} has no samples; {used}. Check the "
+            f"dataset's {source} files."
+        )
+    share = fractions[cut.index(part)]
+    if share == 0:
+        fix = f"give {part} a positive fraction, e.g. fractions={list(protocol.fractions)}"
+    else:
+        need = sum(1 for f in fractions if f > 0)
+        fix = f"add data (with {need}+ samples per class every part gets one) or raise the {part} fraction"
+    raise ValueError(
+        f"{name}: the {part} part would be empty: fractions {list(fractions)} ({', '.join(cut)}) of "
+        f"{y.size} samples in {_class_counts(y)}; {used}: {fix}"
+    )
+
+
 def make_splits(
     name: str,
     targets_train: Sequence[int] | np.ndarray,
@@ -224,7 +263,8 @@ def make_splits(
         ``{"train": idx, "val": idx, "test": idx}``, sorted int64 arrays.
 
     Raises:
-        ValueError: targets that do not fit the protocol, or bad fractions.
+        ValueError: targets that do not fit the protocol, bad fractions, or a part that would be
+            empty (every part is used; the message names the part, fractions and class counts).
     """
     protocol = get_split_protocol(name)
     if protocol.kind == "official" and targets_val is None and targets_test is None and protocol.fallback:
@@ -238,11 +278,12 @@ def make_splits(
             )
         if fractions is not None:
             raise ValueError(f"{name} uses its official splits; fractions do not apply")
-        return {
+        idx = {
             "train": np.arange(len(y_train), dtype=np.int64),
             "val": np.arange(len(targets_val), dtype=np.int64),
             "test": np.arange(len(targets_test), dtype=np.int64),
         }
+        return _refuse_empty(name, idx, protocol, y_train, ())
 
     if targets_val is not None:
         raise ValueError(f"{name} derives its validation split ({protocol.kind}); do not pass targets_val")
@@ -258,14 +299,15 @@ def make_splits(
         if len(f) != 2:
             raise ValueError(f"{name}: fractions must be (train, val) for a holdout split, got {f}")
         train, val = stratified_split(y_train, f, seed)
-        return {"train": train, "val": val, "test": np.arange(len(targets_test), dtype=np.int64)}
+        idx = {"train": train, "val": val, "test": np.arange(len(targets_test), dtype=np.int64)}
+        return _refuse_empty(name, idx, protocol, y_train, f)
 
     if targets_test is not None:
         raise ValueError(f"{name} splits all of its data 3 ways: pass the targets of source 'all' only")
     if len(f) != 3:
         raise ValueError(f"{name}: fractions must be (train, val, test), got {f}")
     train, val, test = stratified_split(y_train, f, seed)
-    return {"train": train, "val": val, "test": test}
+    return _refuse_empty(name, {"train": train, "val": val, "test": test}, protocol, y_train, f)
 
 
 def few_shot(

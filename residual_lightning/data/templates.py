@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -25,6 +26,7 @@ import yaml
 __all__ = [
     "DATASET_TEMPLATES",
     "GENERIC_TEMPLATES",
+    "check_shipped_class_names",
     "clean_class_name",
     "load_class_names",
     "load_class_names_file",
@@ -291,6 +293,53 @@ def clean_class_name(raw: str) -> str:
         raw: the folder or label name.
     """
     return " ".join(raw.replace("_", " ").replace("/", " ").split())
+
+
+def check_shipped_class_names(
+    name: str, found: Sequence[str], source: str | Path, *, clean: bool = True
+) -> None:
+    """Refuse data whose own class-name list differs from the shipped, prompt-ready one.
+
+    The data's labels index its own list (``cars_meta.mat``, CIFAR-100's ``meta``, Food-101's
+    ``classes.txt``) while the prompts are built from the shipped list, so a difference in order
+    or spelling would pair every image of a class with another class's prompts.
+
+    Args:
+        name: registry dataset name with a shipped list.
+        found: the names as the data's file stores them, in label order.
+        source: the file they were read from (for the message).
+        clean: compare ``clean_class_name(found[i])`` (``aquarium_fish`` reads as
+            ``aquarium fish``, as the shipped lists were written); False compares with only
+            runs of whitespace collapsed (Stanford Cars' names are shipped verbatim).
+
+    Raises:
+        ValueError: the lists differ; the message names the file, the first differing index and
+            both names.
+    """
+    shipped = load_class_names(name)
+    norm = [clean_class_name(str(n)) if clean else " ".join(str(n).split()) for n in found]
+    if norm == shipped:
+        return
+    where = (
+        f"residual_lightning/resources/{_CLASS_NAME_FILES[name]}"
+        if name in _CLASS_NAME_FILES
+        else "residual_lightning/data/templates.py"
+    )
+    common = min(len(norm), len(shipped))
+    i = next((k for k in range(common) if norm[k] != shipped[k]), common)
+    if i < common:
+        diff = (
+            f"first difference at index {i} (label {i}): the file has {found[i]!r}, "
+            f"the shipped list has {shipped[i]!r}"
+        )
+    else:
+        diff = f"the file has {len(norm)} names, the shipped list {len(shipped)} (equal up to index {i - 1})"
+    raise ValueError(
+        f"{name}: the class names in {source} do not match the shipped list ({where}): {diff}. The labels "
+        f"index the file's list, so the prompts would name the wrong classes. Use the original {name} "
+        "files, or pass class_names_file (data.dataset_options.class_names_file) with the names in the "
+        "file's order."
+    )
 
 
 def sun397_class_name(category: str) -> str:
