@@ -97,7 +97,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    layers, heads, k, dim = layout_from_config("ViT-B-16")
+    layers, heads, k, dim = layout_from_config("ViT-B-16").shape
     compact = 2 * (layers * heads * k + layers * dim + dim) + 8
     full = 2 * (1 + layers + layers * heads) * dim
     print("## Cache size per image, ViT-B-16, float16\n\n| form | bytes/image |\n|---|---|")

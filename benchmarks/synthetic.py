@@ -12,15 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from residual_lightning.contributions import Contributions
 from residual_lightning.data.cache import ActivationCache, CacheKey, CacheWriter
-from residual_lightning.units import CompactContributions, layout_from_config
+from residual_lightning.units import layout_from_config
 
 
 def synthetic_cache(
     root: str | Path, n: int = 50_000, model: str = "ViT-B-16", chunk: int = 4096
 ) -> ActivationCache:
     """Write (once) and open a float16 cache of `n` random samples in `model`'s layout."""
-    layers, heads, k, dim = layout_from_config(model)
+    layers, heads, k, dim = layout_from_config(model).shape
     key = CacheKey(model, "synthetic", "synthetic", "train", f"n{n}", "none", "default")
     path = Path(root) / key.folder_name()
     if (path / "meta.json").exists():
@@ -33,7 +34,7 @@ def synthetic_cache(
     for c in writer.pending_chunks():
         start, stop = writer.chunk_range(c)
         m = stop - start
-        compact = CompactContributions(
+        compact = Contributions(
             heads=torch.randn(m, layers, heads, k, generator=g),
             mlps=torch.randn(m, layers, dim, generator=g),
             emb=torch.randn(m, dim, generator=g),

@@ -1,7 +1,9 @@
-"""Callbacks and helpers of the training recipe: plots for TensorBoard and the LR finder.
+"""Lightning callbacks of the training recipe: TensorBoard pictures, the predictions CSV, and the
+LR finder that ``lr: auto`` runs before fitting.
 
-Schedule-free train/eval switching lives in the LightningModule's own hooks, not here: Lightning's
-LR finder replaces the trainer's callbacks while it runs.
+The pictures themselves are drawn by `residual_lightning.plots`. Schedule-free train/eval
+switching lives in the LightningModule's own hooks, not here: Lightning's LR finder replaces the
+trainer's callbacks while it runs.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import logging
 from pathlib import Path
 
 import lightning as L
-import matplotlib
+from lightning.pytorch.callbacks import BasePredictionWriter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import BasePredictionWriter  # noqa: E402
+from residual_lightning.plots import (
+    confusion_figure,
+    lambda_figure,
+    log_figure,
+    lr_finder_figure,
+    spectra_figure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,72 +29,7 @@ log = logging.getLogger(__name__)
 def _experiment(trainer: L.Trainer):
     """The TensorBoard SummaryWriter, or None with another (or no) logger."""
     exp = getattr(trainer.logger, "experiment", None) if trainer.logger else None
-    return exp if hasattr(exp, "add_figure") else None
-
-
-def lambda_figure(weights: dict[str, torch.Tensor]) -> plt.Figure | None:
-    """Heatmap of learned weights: one row per unit (heads, then MLPs), one column per component."""
-    rows, labels = [], []
-    for kind, values in weights.items():
-        v = values.detach().float().cpu()
-        v = v.reshape(-1, v.shape[-1]) if v.ndim > 1 else v[None]
-        rows.append(v)
-        labels.append((kind, v.shape[0]))
-    if not rows:
-        return None
-    width = max(r.shape[1] for r in rows)
-    mat = torch.full((sum(r.shape[0] for r in rows), width), float("nan"))
-    start = 0
-    for r in rows:
-        mat[start : start + r.shape[0], : r.shape[1]] = r
-        start += r.shape[0]
-    fig, ax = plt.subplots(figsize=(8, min(12, 2 + 0.04 * mat.shape[0])))
-    finite = mat[torch.isfinite(mat)]
-    lim = float(finite.abs().max()) if finite.numel() else 1.0
-    im = ax.imshow(mat.numpy(), aspect="auto", cmap="coolwarm", vmin=-lim, vmax=lim, interpolation="nearest")
-    start = 0
-    for kind, n in labels:
-        ax.axhline(start - 0.5, color="k", lw=0.5)
-        ax.text(-0.5, start + n / 2, kind, ha="right", va="center", fontsize=8)
-        start += n
-    ax.set_xlabel("component (sorted by explained variance)")
-    ax.set_ylabel("unit")
-    ax.set_yticks([])
-    fig.colorbar(im, ax=ax, label="λ")
-    fig.tight_layout()
-    return fig
-
-
-def spectra_figure(bases) -> plt.Figure:
-    """Explained-variance ratio spectra of the heads (one line each) and of the MLPs."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, (kind, basis) in zip(axes, (("heads", bases.heads), ("MLPs", bases.mlps))):
-        ratio = (
-            basis.explained_variance_ratio.detach()
-            .cpu()
-            .reshape(-1, basis.explained_variance_ratio.shape[-1])
-        )
-        for r in ratio:
-            ax.semilogy(np.arange(1, len(r) + 1), r.clamp_min(1e-8).numpy(), lw=0.5, alpha=0.5)
-        ax.set_title(f"{kind}: explained variance ratio")
-        ax.set_xlabel("component")
-    fig.tight_layout()
-    return fig
-
-
-def confusion_figure(matrix: torch.Tensor, class_names: list[str]) -> plt.Figure:
-    """Row-normalised confusion matrix (true class in rows)."""
-    n = len(class_names)
-    fig, ax = plt.subplots(figsize=(min(14, 2 + 0.35 * n), min(14, 2 + 0.35 * n)))
-    im = ax.imshow(matrix.numpy(), cmap="Blues", vmin=0, vmax=1)
-    if n <= 40:
-        ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), class_names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    return fig
+    return exp if hasattr(exp, "add_image") else None
 
 
 class ResidualPlots(L.Callback):
@@ -104,7 +43,7 @@ class ResidualPlots(L.Callback):
         dm = trainer.datamodule
         if exp is None or dm is None or pl_module.method not in ("residual", "residual_star"):
             return
-        exp.add_figure("spectra/explained_variance", spectra_figure(dm.bases()), global_step=0)
+        log_figure(exp, "spectra/explained_variance", spectra_figure(dm.bases()), step=0)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         """λ heatmap (units x components) of this epoch."""
@@ -113,7 +52,7 @@ class ResidualPlots(L.Callback):
             return
         fig = lambda_figure(pl_module.adapter.unit_weights())
         if fig is not None:
-            exp.add_figure("adapter/lambda", fig, global_step=trainer.current_epoch)
+            log_figure(exp, "adapter/lambda", fig, step=trainer.current_epoch)
 
     def on_test_end(self, trainer: L.Trainer, pl_module) -> None:
         """The test confusion matrix."""
@@ -121,11 +60,8 @@ class ResidualPlots(L.Callback):
         matrix = getattr(pl_module, "confusion_matrix", None)
         if exp is None or matrix is None or not trainer.is_global_zero:
             return
-        exp.add_figure(
-            "test/confusion_matrix",
-            confusion_figure(matrix, pl_module.class_names),
-            global_step=trainer.global_step,
-        )
+        figure = confusion_figure(matrix, pl_module.class_names)
+        log_figure(exp, "test/confusion_matrix", figure, step=trainer.global_step)
 
 
 class PredictionCSV(BasePredictionWriter):
@@ -204,6 +140,9 @@ def find_lr(trainer: L.Trainer, model, datamodule, num_training: int = 50, min_l
     log.info("LR finder suggests %s (using %s)", suggestion, model.lr)
     exp = _experiment(trainer)
     if exp is not None and finder is not None:
-        exp.add_figure("lr_finder/curve", finder.plot(suggest=True), global_step=0)
+        lrs, losses = finder.results["lr"], finder.results["loss"]
+        suggested = lrs.index(suggestion) if suggestion in lrs else None
+        figure = lr_finder_figure(lrs, losses, suggested, log_x=finder.mode == "exponential")
+        log_figure(exp, "lr_finder/curve", figure, step=0)
         exp.add_scalar("lr_finder/suggestion", model.lr, 0)
     return model.lr

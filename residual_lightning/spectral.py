@@ -1,30 +1,19 @@
-"""PCA bases of the residual units and the ResiDual spectral transform (method.md §2), pure torch.
+"""Streaming per-unit PCA of cached contributions (method.md §2), pure torch.
 
-Three parts:
+Batches of cached contributions (`Contributions`: heads as compact coordinates y, MLPs and emb in
+D) are reduced to per-unit counts, means and centred second moments in float64, batched over units
+with einsum, on the batches' device (`MomentAccumulator`, `fit_unit_bases`). Batches are merged
+with Chan et al.'s pairwise update (the exact identity ``M2 = M2_a + M2_b + delta delta^T n_a n_b /
+n``), which avoids the cancellation of the raw ``sum(x x^T) - n mean mean^T`` form. A head's
+contribution is ``c = A y`` with a fixed D x k map A, so its covariance is ``A S A^T`` with S the
+k x k covariance of y; with ``A = QR`` it equals ``Q (R S R^T) Q^T``, and the eigendecomposition of
+the small k x k matrix gives the head's PCA exactly: components ``(Q V)^T``, variances the
+eigenvalues, mean ``A ybar``. No head is ever expanded to D per sample. MLPs, emb (and, optionally,
+the final embedding) get a D x D covariance each. `MomentAccumulator.all_reduce` sums the moments
+over torch.distributed ranks so PCA on sharded data equals PCA on all of it.
 
-1. **Streaming per-unit PCA** (`MomentAccumulator`, `fit_unit_bases`). Batches of cached
-   contributions (`CachedBatch`: heads as compact coordinates y, MLPs and emb in D) are reduced to
-   per-unit counts, means and centred second moments in float64, batched over units with einsum,
-   on the batches' device. Batches are merged with Chan et al.'s pairwise update (the exact
-   identity ``M2 = M2_a + M2_b + delta delta^T n_a n_b / n``), which avoids the cancellation of
-   the raw ``sum(x x^T) - n mean mean^T`` form. A head's contribution is ``c = A y`` with a fixed
-   D x k map A, so its covariance is ``A S A^T`` with S the k x k covariance of y; with ``A = QR``
-   it equals ``Q (R S R^T) Q^T``, and the eigendecomposition of the small k x k matrix gives the
-   head's PCA exactly: components ``(Q V)^T``, variances the eigenvalues, mean ``A ybar``. No head
-   is ever expanded to D per sample. MLPs, emb (and, optionally, the final embedding) get a D x D
-   covariance each. `MomentAccumulator.all_reduce` sums the moments over torch.distributed ranks so
-   PCA on sharded data equals PCA on all of it.
-2. **Component selection** (`select_components`): ``"all"``, a fixed K, or the smallest K whose
-   cumulative explained-variance ratio exceeds a threshold, as a boolean mask.
-3. **The ResiDual transform** ``RD_u(c) = Phi_u^T diag(lambda_u) Phi_u (c - mu_u)``
-   (`transform_heads`, `transform_dense`). For heads it runs in the compact coordinates:
-   ``Phi (c - mu) = (Phi A)(y - ybar)``, so with ``B = Phi A`` (K x k, `compact_projection`) one
-   sample costs K*k + D*K per head instead of D*k + D*K after expanding.
-
-Results are `UnitBases`: per unit kind a `PCABasis` (mean, components, explained variance and
-ratio, mask), padded to a fixed K per kind (heads K = d, MLPs/emb K = D) so that shapes depend on
-the layout only, never on the data. Components beyond a unit's numerical rank are masked out.
-Saved with safetensors (no pickle) and a JSON header.
+The results are `UnitBases` (`unit_bases`: the types, saving and component selection, re-exported
+here); the ResiDual transform that uses them is in `transform`.
 
 Letters: N samples, L layers, H heads per layer, d head width, k compact head coordinates (d under
 the default convention, d + 3 under equal_share), D embedding size, K components, U units.
@@ -32,242 +21,29 @@ the default convention, d + 3 under equal_share), D embedding size, K components
 
 from __future__ import annotations
 
-import json
-import numbers
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Literal, Union
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .files import load_tensors, save_tensors
-from .units import CONVENTIONS, EQUAL_SHARE_EXTRA
+from .contributions import CONVENTIONS, UnitLayout
+from .unit_bases import PCABasis, Selection, UnitBases, select_components
 
 __all__ = [
+    "DEFAULT_RANK_RTOL",
     "MomentAccumulator",
     "PCABasis",
     "Selection",
     "UnitBases",
-    "compact_projection",
     "fit_unit_bases",
     "select_components",
-    "transform_dense",
-    "transform_heads",
 ]
-
-#: How many components of a unit to use: ``"all"`` (every component above the numerical rank),
-#: an int K (the top K), or a float threshold t in (0, 1] (the smallest K whose cumulative
-#: explained-variance ratio exceeds t).
-Selection = Union[int, float, Literal["all"]]
 
 # Eigenvalues below this fraction of a unit's largest one are numerical noise (float32 data
 # rounding noise measured at ~1e-14 to 2e-11 relative on tiny models); their components are masked out.
 DEFAULT_RANK_RTOL = 1e-9
-
-
-# --------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PCABasis:
-    """The PCA of one kind of unit, padded to a fixed number of components K.
-
-    Leading dimensions ``*U`` index the units: (L, H) for heads, (L,) for MLPs, () for emb and the
-    final embedding.
-
-    Attributes:
-        mean: (*U, D) mean contribution of each unit on the reference set.
-        components: (*U, K, D) principal components in rows, orthonormal, sorted by decreasing
-            variance, sign-fixed (the entry of largest magnitude is positive); zero rows where masked.
-        explained_variance: (*U, K) variance along each component (ddof=1, like sklearn); 0 where
-            masked.
-        explained_variance_ratio: (*U, K) variance over the unit's total variance (all of its
-            components, kept or not).
-        mask: (*U, K) bool, True for components above the unit's numerical rank.
-    """
-
-    mean: Tensor
-    components: Tensor
-    explained_variance: Tensor
-    explained_variance_ratio: Tensor
-    mask: Tensor
-
-    @property
-    def num_components(self) -> int:
-        """K, the padded number of components."""
-        return self.components.shape[-2]
-
-    def rank(self) -> Tensor:
-        """(*U,) number of unmasked components per unit."""
-        return self.mask.sum(-1)
-
-    def select(self, components: Selection) -> Tensor:
-        """Boolean (*U, K) mask of the components to use; see `select_components`.
-
-        Args:
-            components: ``"all"``, an int K or a float threshold.
-        """
-        return select_components(self.explained_variance_ratio, self.mask, components)
-
-    def to(self, *args: Any, **kwargs: Any) -> PCABasis:
-        """Move/cast the float tensors (the mask keeps its dtype, follows the device)."""
-        return PCABasis(**{f.name: _to(getattr(self, f.name), *args, **kwargs) for f in fields(self)})
-
-    def __getitem__(self, index: Any) -> PCABasis:
-        """The basis of a subset of units, indexing the leading unit dimensions."""
-        return PCABasis(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
-
-
-def _to(t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    if t.dtype == torch.bool:
-        device = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
-        return t if device is None else t.to(device)
-    return t.to(*args, **kwargs)
-
-
-@dataclass
-class UnitBases:
-    """PCA bases of every residual unit of one backbone on one reference set.
-
-    Attributes:
-        heads: bases of the L*H heads, units (L, H), K = d (the top d components, as the authors).
-        mlps: bases of the L MLPs, units (L,), K = D.
-        emb: basis of the embedding unit, units (), K = D.
-        head_coord_mean: (L, H, k) mean of the compact head coordinates y; ``heads.mean`` equals
-            ``head_maps @ head_coord_mean``. The compact transform needs it.
-        n_samples: number of reference samples the bases were fitted on.
-        convention: the decomposition convention of the cache (``"default"`` or ``"equal_share"``).
-        output: PCA of the final image embedding (the sum of all units), units (), K = D; used by
-            the `spectral` baseline. None if not fitted.
-        metadata: free-form JSON-serialisable information (model, dataset, split...), saved too.
-    """
-
-    heads: PCABasis
-    mlps: PCABasis
-    emb: PCABasis
-    head_coord_mean: Tensor
-    n_samples: int
-    convention: str = "default"
-    output: PCABasis | None = None
-    metadata: dict = field(default_factory=dict)
-
-    @property
-    def num_layers(self) -> int:
-        """L."""
-        return self.heads.mean.shape[0]
-
-    @property
-    def num_heads(self) -> int:
-        """H, heads per layer."""
-        return self.heads.mean.shape[1]
-
-    @property
-    def head_dim(self) -> int:
-        """k, the number of compact coordinates per head."""
-        return self.head_coord_mean.shape[-1]
-
-    @property
-    def output_dim(self) -> int:
-        """D."""
-        return self.heads.mean.shape[-1]
-
-    @property
-    def names(self) -> list[str]:
-        """Unit names in the authors' order: emb, the L MLPs, the L*H heads layer-major."""
-        mlps = [f"l{layer}.mlp" for layer in range(self.num_layers)]
-        heads = [f"l{layer}.h{h}" for layer in range(self.num_layers) for h in range(self.num_heads)]
-        return ["emb", *mlps, *heads]
-
-    def unit(self, name: str) -> PCABasis:
-        """The basis of one unit by name (``"emb"``, ``"l3.mlp"``, ``"l3.h5"``).
-
-        Args:
-            name: the unit name.
-        """
-        if name == "emb":
-            return self.emb
-        layer, _, rest = name.partition(".")
-        if name not in self.names:
-            raise KeyError(f"unknown unit {name!r}; units are emb, l<l>.mlp and l<l>.h<h>")
-        layer = int(layer[1:])
-        return self.mlps[layer] if rest == "mlp" else self.heads[layer, int(rest[1:])]
-
-    def to(self, *args: Any, **kwargs: Any) -> UnitBases:
-        """Move/cast every float tensor (masks keep their dtype)."""
-        return UnitBases(
-            heads=self.heads.to(*args, **kwargs),
-            mlps=self.mlps.to(*args, **kwargs),
-            emb=self.emb.to(*args, **kwargs),
-            head_coord_mean=self.head_coord_mean.to(*args, **kwargs),
-            n_samples=self.n_samples,
-            convention=self.convention,
-            output=None if self.output is None else self.output.to(*args, **kwargs),
-            metadata=dict(self.metadata),
-        )
-
-    def _kinds(self) -> dict[str, PCABasis]:
-        kinds = {"heads": self.heads, "mlps": self.mlps, "emb": self.emb}
-        if self.output is not None:
-            kinds["output"] = self.output
-        return kinds
-
-    def save(self, path: str | Path, key: Any = None) -> None:
-        """Write the bases to a safetensors file, atomically, with a checksum (see `files.save_tensors`).
-
-        Args:
-            path: the file to write (conventionally ``*.safetensors``).
-            key: what the bases were fitted on (checked again by `load`); default: none recorded.
-        """
-        tensors = {"head_coord_mean": self.head_coord_mean}
-        for kind, basis in self._kinds().items():
-            for f in fields(basis):
-                tensors[f"{kind}.{f.name}"] = getattr(basis, f.name)
-        header = {
-            "n_samples": self.n_samples,
-            "convention": self.convention,
-            "layers": self.num_layers,
-            "heads": self.num_heads,
-            "head_dim": self.head_dim,
-            "output_dim": self.output_dim,
-            "metadata": self.metadata,
-        }
-        save_tensors(path, tensors, "bases", key, metadata={"header": json.dumps(header)})
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", key: Any = None) -> UnitBases:
-        """Read bases written by `save`, verifying format, key and checksum.
-
-        Args:
-            path: the safetensors file.
-            device: where to put the tensors.
-            key: the key the bases must have been saved with (None: not checked).
-
-        Raises:
-            CacheError: not a bases file, written by another version, another key, truncated or
-                corrupt (the message names the file).
-        """
-        tensors, meta = load_tensors(path, "bases", key, device)
-        header = json.loads(meta["header"])
-
-        def basis(kind: str) -> PCABasis | None:
-            if f"{kind}.mean" not in tensors:
-                return None
-            return PCABasis(**{fl.name: tensors[f"{kind}.{fl.name}"] for fl in fields(PCABasis)})
-
-        return cls(
-            heads=basis("heads"),
-            mlps=basis("mlps"),
-            emb=basis("emb"),
-            head_coord_mean=tensors["head_coord_mean"],
-            n_samples=int(header["n_samples"]),
-            convention=header["convention"],
-            output=basis("output"),
-            metadata=header.get("metadata", {}),
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,13 +52,13 @@ class UnitBases:
 
 
 def _batch_parts(batch: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """(heads, mlps, emb) of a CachedBatch-like object or a sequence of at least three tensors."""
+    """(heads, mlps, emb) of a `Contributions`-like object or a sequence of at least three tensors."""
     if all(hasattr(batch, a) for a in ("heads", "mlps", "emb")):
         return batch.heads, batch.mlps, batch.emb
     if isinstance(batch, (tuple, list)) and len(batch) >= 3:
         return batch[0], batch[1], batch[2]
     raise TypeError(
-        f"expected a CachedBatch (heads, mlps, emb attributes) or a tuple (heads, mlps, emb), "
+        f"expected Contributions (heads, mlps, emb attributes) or a tuple (heads, mlps, emb), "
         f"got {type(batch).__name__}"
     )
 
@@ -344,8 +120,10 @@ class MomentAccumulator:
             raise ValueError(f"unknown convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
         self.layers, self.heads, self.output_dim, self.head_dim = head_maps.shape
         if head_components is None:
-            extra = EQUAL_SHARE_EXTRA if convention == "equal_share" else 0
-            head_components = self.head_dim - extra
+            layout = UnitLayout.from_shape(
+                (self.layers, self.heads, self.head_dim, self.output_dim), convention
+            )
+            head_components = layout.head_width
         rank_cap = min(self.head_dim, self.output_dim)
         if not 1 <= head_components <= rank_cap:
             raise ValueError(f"head_components must be in [1, min(k, D) = {rank_cap}], got {head_components}")
@@ -391,7 +169,7 @@ class MomentAccumulator:
         """Add a batch of samples.
 
         Args:
-            batch: a `CachedBatch` (or anything with ``heads``, ``mlps``, ``emb``) or a tuple
+            batch: `Contributions` (or anything with ``heads``, ``mlps``, ``emb``) or a tuple
                 ``(heads (N, L, H, k), mlps (N, L, D), emb (N, D), ...)``.
 
         Raises:
@@ -558,7 +336,7 @@ def fit_unit_bases(
     (N, D) contributions, for the top K components: see the module docstring.
 
     Args:
-        batches: an iterable of `CachedBatch` (or of tuples ``(heads, mlps, emb, ...)``).
+        batches: an iterable of `Contributions` (or of tuples ``(heads, mlps, emb, ...)``).
         head_maps: (L, H, D, k) head maps of the cache.
         convention: the cache's decomposition convention.
         head_components: K for heads; default d (k, or k - 3 under ``"equal_share"``).
@@ -585,105 +363,3 @@ def fit_unit_bases(
     bases = acc.finalize(dtype)
     bases.metadata = dict(metadata or {})
     return bases
-
-
-# --------------------------------------------------------------------------------------------
-# Component selection
-# --------------------------------------------------------------------------------------------
-
-
-def select_components(explained_variance_ratio: Tensor, mask: Tensor, components: Selection) -> Tensor:
-    """Which components of each unit to use, as a boolean mask of the same (*U, K) shape.
-
-    Only unmasked components (above the numerical rank) are ever selected.
-
-    Args:
-        explained_variance_ratio: (*U, K) ratios, decreasing along K.
-        mask: (*U, K) bool, the valid components.
-        components: ``"all"``; an int K >= 0 (the top K valid ones); or a float threshold t in
-            (0, 1]: the smallest K whose cumulative explained-variance ratio exceeds t (all valid
-            components when it never does, e.g. t = 1).
-
-    Raises:
-        ValueError: for an unknown string, a negative K or a threshold outside (0, 1].
-        TypeError: for another type (bools are rejected: ``True`` is not a K).
-    """
-    k = mask.shape[-1]
-    pos = torch.arange(k, device=mask.device)  # (K,)
-    if isinstance(components, str):
-        if components != "all":
-            raise ValueError(f"unknown component selection {components!r}; use 'all', an int K or a float")
-        return mask.clone()
-    if isinstance(components, bool) or not isinstance(components, (numbers.Integral, numbers.Real)):
-        raise TypeError(
-            f"component selection must be 'all', an int or a float, got {type(components).__name__}"
-        )
-    if isinstance(components, numbers.Integral):
-        if components < 0:
-            raise ValueError(f"number of components must be >= 0, got {components}")
-        return mask & (pos < int(components))
-    threshold = float(components)
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"explained-variance threshold must be in (0, 1], got {threshold}")
-    cumulative = torch.cumsum(explained_variance_ratio.double() * mask, dim=-1)  # (*U, K)
-    k_sel = (cumulative <= threshold).sum(-1, keepdim=True) + 1  # (*U, 1): first index exceeding, + 1
-    return mask & (pos < k_sel)
-
-
-# --------------------------------------------------------------------------------------------
-# The ResiDual transform
-# --------------------------------------------------------------------------------------------
-
-
-def compact_projection(components: Tensor, head_maps: Tensor, coord_mean: Tensor) -> tuple[Tensor, Tensor]:
-    """Heads' components in the compact coordinates: ``B = Phi A`` and the offset ``B ybar``.
-
-    ``Phi (c - mu) = B y - B ybar`` for a head contribution ``c = A y`` with mean ``mu = A ybar``.
-
-    Args:
-        components: (L, H, K, D) head components Phi.
-        head_maps: (L, H, D, k) head maps A.
-        coord_mean: (L, H, k) mean compact coordinates ybar.
-
-    Returns:
-        B (L, H, K, k) and the offset (L, H, K).
-    """
-    b = torch.einsum("lhjd,lhdk->lhjk", components, head_maps.to(components.dtype))  # (L, H, K, k)
-    offset = torch.einsum("lhjk,lhk->lhj", b, coord_mean.to(components.dtype))  # (L, H, K)
-    return b, offset
-
-
-def transform_heads(y: Tensor, b: Tensor, offset: Tensor, lambdas: Tensor, components: Tensor) -> Tensor:
-    """Sum over heads of ``Phi^T diag(lambda) Phi (c - mu)``, computed from the compact y.
-
-    Cost per sample and head K*k + D*K; heads or components with lambda = 0 drop out.
-
-    Args:
-        y: (N, L, H, k) compact head coordinates.
-        b: (L, H, K, k) from `compact_projection`.
-        offset: (L, H, K) from `compact_projection`.
-        lambdas: (L, H, K) scales (0 for components not used).
-        components: (L, H, K, D) head components Phi.
-
-    Returns:
-        (N, D), the sum of the transformed head contributions (without their means).
-    """
-    coords = torch.einsum("lhjk,nlhk->nlhj", b, y) - offset  # (N, L, H, K)
-    return torch.einsum("nlhj,lhjd->nd", coords * lambdas, components)  # (N, D)
-
-
-def transform_dense(x: Tensor, components: Tensor, mean: Tensor, lambdas: Tensor) -> Tensor:
-    """Sum over units of ``Phi^T diag(lambda) Phi (x - mu)`` for units stored in D (MLPs, emb).
-
-    Args:
-        x: (N, U, D) contributions.
-        components: (U, K, D).
-        mean: (U, D).
-        lambdas: (U, K) scales (0 for components not used).
-
-    Returns:
-        (N, D), the sum of the transformed contributions (without their means).
-    """
-    offset = torch.einsum("ujd,ud->uj", components, mean)  # (U, K)
-    coords = torch.einsum("ujd,nud->nuj", components, x) - offset  # (N, U, K)
-    return torch.einsum("nuj,ujd->nd", coords * lambdas, components)  # (N, D)

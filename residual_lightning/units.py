@@ -25,8 +25,9 @@ LayerNorm's constant terms (see docs/units.md):
   A head then spans up to d + 2 directions; its compact coordinates gain three entries
   ``[1/sigma, mean/sigma, 1]`` so the same ``A @ y`` form stays exact.
 
-The compact form (`CompactContributions`) is what the activation cache stores: heads as y
-(N, L, H, k), MLPs and emb already in D. `expand` turns it back into (N, U, D).
+The compact form (`residual_lightning.contributions.Contributions`, with the layout and the unit
+names) is what the activation cache stores: heads as y (N, L, H, k), MLPs and emb already in D.
+`Contributions.expand` turns it back into (N, U, D).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import difflib
 import functools
 import hashlib
 import os
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from importlib import resources
 from typing import Literal
 
@@ -43,12 +45,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Convention = Literal["default", "equal_share"]
-CONVENTIONS: tuple[str, ...] = ("default", "equal_share")
-Precision = Literal["fp32", "fp16", "bf16", "amp", "amp_bf16", "pure_fp16", "pure_bf16"]
+from residual_lightning.contributions import (
+    CONVENTIONS,
+    EQUAL_SHARE_EXTRA,
+    Contributions,
+    Convention,
+    UnitContributions,
+    UnitLayout,
+    expand,
+)
 
-# Extra compact coordinates a head carries under the equal-share convention: 1/sigma, mean/sigma, 1.
-EQUAL_SHARE_EXTRA = 3
+__all__ = [
+    "CONVENTIONS",
+    "EQUAL_SHARE_EXTRA",
+    "Backbone",
+    "BackboneSpec",
+    "Contributions",
+    "Convention",
+    "UnitContributions",
+    "UnitLayout",
+    "UnsupportedModelError",
+    "decompose",
+    "decompose_compact",
+    "expand",
+    "layout_from_config",
+    "load_backbone",
+    "register_model_configs",
+    "unit_layout",
+    "unit_names",
+]
+
+Precision = Literal["fp32", "fp16", "bf16", "amp", "amp_bf16", "pure_fp16", "pure_bf16"]
 
 
 class UnsupportedModelError(TypeError):
@@ -58,40 +85,6 @@ class UnsupportedModelError(TypeError):
 # --------------------------------------------------------------------------------------------
 # Architecture description
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UnitLayout:
-    """Shape of a supported ViT's residual units.
-
-    Attributes:
-        layers: L, the number of residual blocks.
-        heads: H, attention heads per block.
-        width: W, the transformer width.
-        head_width: d = W / H.
-        output_dim: D, the size of the image embedding.
-        pool: how the embedding is read: ``"tok"`` (CLS token), ``"avg_ln"`` (mean of the patch
-            tokens, then one LayerNorm) or ``"ln_avg"`` (a LayerNorm per token, then the mean).
-    """
-
-    layers: int
-    heads: int
-    width: int
-    head_width: int
-    output_dim: int
-    pool: Literal["tok", "avg_ln", "ln_avg"]
-
-    @property
-    def names(self) -> list[str]:
-        """Unit names in the authors' order: emb, the L MLPs, then the L*H heads layer-major."""
-        mlps = [f"l{layer}.mlp" for layer in range(self.layers)]
-        heads = [f"l{layer}.h{h}" for layer in range(self.layers) for h in range(self.heads)]
-        return ["emb", *mlps, *heads]
-
-    @property
-    def num_units(self) -> int:
-        """U = 1 + L + L*H."""
-        return 1 + self.layers + self.layers * self.heads
 
 
 def _visual(model: nn.Module) -> nn.Module:
@@ -166,10 +159,10 @@ def unit_layout(model: nn.Module) -> UnitLayout:
     )
 
 
-def layout_from_config(model_name: str, convention: Convention = "default") -> tuple[int, int, int, int]:
-    """``(L, H, k, D)`` of an open_clip ViT from its config alone (no weights are built).
+def layout_from_config(model_name: str, convention: Convention = "default") -> UnitLayout:
+    """The `UnitLayout` of an open_clip ViT from its config alone (no weights are built).
 
-    k is the compact head width: d, or d + 3 under ``equal_share``.
+    Its ``shape`` is ``(L, H, k, D)``, k the compact head width: d, or d + 3 under ``equal_share``.
 
     Raises:
         ValueError: unknown model, or a config that is not a ViT.
@@ -190,8 +183,7 @@ def layout_from_config(model_name: str, convention: Convention = "default") -> t
         raise UnsupportedModelError(f"{model_name} does not have an open_clip ViT vision tower")
     width = vision.get("width", 768)
     head_width = vision.get("head_width", 64)
-    d = head_width + (EQUAL_SHARE_EXTRA if convention == "equal_share" else 0)
-    return layers, width // head_width, d, cfg["embed_dim"]
+    return UnitLayout(layers, width // head_width, head_width, cfg["embed_dim"], convention, width=width)
 
 
 def unit_names(model: nn.Module) -> list[str]:
@@ -211,67 +203,25 @@ def unit_names(model: nn.Module) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class UnitContributions:
-    """Per-unit contributions to the image embedding.
-
-    Attributes:
-        contributions: (N, U, D); ``contributions.sum(1)`` equals ``encode_image(images)``.
-        names: the U unit names, in the order of dim 1.
-    """
-
-    contributions: Tensor
-    names: list[str]
-
-    def unit(self, name: str) -> Tensor:
-        """The (N, D) contributions of one unit by name."""
-        return self.contributions[:, self.names.index(name)]
-
-
-@dataclass
-class CompactContributions:
-    """The compact, exact form of the contributions (what the activation cache stores).
-
-    Attributes:
-        heads: (N, L, H, k) head coordinates y; k = d under the default convention,
-            d + 3 under equal_share.
-        mlps: (N, L, D) MLP contributions.
-        emb: (N, D) embedding contribution (with the folded constants).
-        head_maps: (L, H, D, k) fixed maps; head (l, h)'s contribution is ``head_maps[l, h] @ y``.
-        names: the U unit names.
-        convention: the convention the terms were split with.
-    """
-
-    heads: Tensor
-    mlps: Tensor
-    emb: Tensor
-    head_maps: Tensor
-    names: list[str]
-    convention: str = "default"
-    extra: dict = field(default_factory=dict)
-
-    def head_contributions(self) -> Tensor:
-        """(N, L, H, D) contributions of every head."""
-        maps = self.head_maps.to(self.heads.dtype)
-        return torch.einsum("lhdk,nlhk->nlhd", maps, self.heads)  # (N, L, H, D)
-
-    def expand(self) -> Tensor:
-        """(N, U, D) contributions in the order of `names`."""
-        return expand(self)
-
-
-def expand(compact: CompactContributions) -> Tensor:
-    """Turn a `CompactContributions` back into the (N, U, D) tensor, exactly.
-
-    Args:
-        compact: the compact contributions.
-    """
-    n, layers, heads = compact.heads.shape[:3]
-    # Exactness is a float32 property: keep autocast from rounding the expansion to bf16.
-    with torch.autocast(device_type=compact.heads.device.type, enabled=False):
-        head_c = compact.head_contributions().reshape(n, layers * heads, -1)  # (N, L*H, D)
-    dtype = head_c.dtype
-    return torch.cat([compact.emb[:, None].to(dtype), compact.mlps.to(dtype), head_c], dim=1)
+def CompactContributions(  # noqa: N802 (the old class name, kept for one release)
+    heads: Tensor,
+    mlps: Tensor,
+    emb: Tensor,
+    head_maps: Tensor,
+    names: list[str],
+    convention: str = "default",
+    extra: dict | None = None,
+) -> Contributions:
+    """Deprecated: build a `Contributions` (this was its own class before 0.2)."""
+    warnings.warn(
+        "CompactContributions is deprecated and will be removed in the next release: use "
+        "residual_lightning.contributions.Contributions (keyword head_maps=, names=)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return Contributions(
+        heads, mlps, emb, head_maps=head_maps, names=names, convention=convention, extra=extra or {}
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,9 +323,7 @@ def _layer_scale(module: nn.Module, width: int, device: torch.device) -> Tensor:
     return gamma.float()
 
 
-def decompose_compact(
-    model: nn.Module, images: Tensor, convention: Convention = "default"
-) -> CompactContributions:
+def decompose_compact(model: nn.Module, images: Tensor, convention: Convention = "default") -> Contributions:
     """Decompose `encode_image(images)` into the compact form the cache stores.
 
     One forward pass through the frozen tower; only the readout tokens of each unit are kept.
@@ -399,7 +347,7 @@ def decompose_compact(
         return _linearise(visual, layout, acts, convention)
 
 
-def _linearise(visual: nn.Module, layout: UnitLayout, acts: dict, convention: str) -> CompactContributions:
+def _linearise(visual: nn.Module, layout: UnitLayout, acts: dict, convention: str) -> Contributions:
     """Split the final LayerNorm and projection over the units (float32)."""
     ln = visual.ln_post
     gamma = (
@@ -452,7 +400,7 @@ def _linearise(visual: nn.Module, layout: UnitLayout, acts: dict, convention: st
             dim=-1,
         )  # (L, H, D, 3)
         maps = torch.cat([maps, extra_maps], dim=-1)  # (L, H, D, d+3)
-    return CompactContributions(
+    return Contributions(
         heads=heads_y, mlps=mlps, emb=emb, head_maps=maps, names=layout.names, convention=convention
     )
 

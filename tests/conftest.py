@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random-weight open_clip models, built offline from configs."""
+"""Shared fixtures: tiny random-weight open_clip models, built offline from configs; digits caches.
+
+Helpers that test files import live in `helpers.py`, `cli_helpers.py` and `data/fakes.py`; test files
+never import each other.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import open_clip  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# The helper modules hold asserts (dataset checks): rewrite them for pytest's detailed messages.
+pytest.register_assert_rewrite("tests.helpers", "tests.data.fakes")
 
 from residual_lightning.units import register_model_configs  # noqa: E402
 
@@ -59,14 +66,14 @@ def build_clip(seed: int = 0, embed_dim: int = 48, **vision) -> open_clip.CLIP:
 
 def write_synthetic_cache(path, heads, mlps, emb, labels, head_maps):
     """A float32 ActivationCache on disk holding exactly the given compact tensors."""
+    from residual_lightning.contributions import Contributions
     from residual_lightning.data.cache import CacheKey, write_cache
-    from residual_lightning.units import CompactContributions
 
     layers, nheads = heads.shape[1:3]
     names = ["emb", *(f"l{i}.mlp" for i in range(layers))]
     names += [f"l{i}.h{h}" for i in range(layers) for h in range(nheads)]
     key = CacheKey("synthetic", "random", "synthetic", path.name, "all", "none", "default", "float32")
-    return write_cache(path, key, CompactContributions(heads, mlps, emb, head_maps, names), labels)
+    return write_cache(path, key, Contributions(heads, mlps, emb, head_maps=head_maps, names=names), labels)
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +102,18 @@ def digits_cache(tmp_path_factory):
         ]
     )
     return path
+
+
+@pytest.fixture(scope="module")
+def digits(digits_cache):
+    """Digits caches, PCA bases and text classifier of the quickstart backbone (built once)."""
+    from residual_lightning.data.datamodule import build_caches
+    from tests.helpers import digits_module
+
+    dm = digits_module(digits_cache)
+    build_caches(dm)  # verifies what the session fixture built
+    dm.bases()
+    return digits_cache
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -11,14 +12,20 @@ from conftest import build_clip
 
 from residual_lightning.adapters import (
     METHODS,
+    OPTIONS,
+    PRESETS,
     CoarseAdapter,
+    CoarseOptions,
     LinearAdapter,
     ResidualAdapter,
+    ResidualOptions,
+    ResidualStarOptions,
     SpectralAdapter,
     ZeroShotAdapter,
     build_adapter,
+    options_for,
 )
-from residual_lightning.data.batch import CachedBatch, embedding
+from residual_lightning.contributions import Contributions
 from residual_lightning.spectral import PCABasis, UnitBases, fit_unit_bases
 from residual_lightning.units import decompose_compact
 
@@ -37,8 +44,8 @@ def tiny(convention: str = "default"):
         cc = decompose_compact(model, images, convention)
     heads, mlps, emb, maps = (t.double() for t in (cc.heads, cc.mlps, cc.emb, cc.head_maps))
     label = torch.zeros(96, dtype=torch.long)
-    ref = CachedBatch(heads[:80], mlps[:80], emb[:80], label[:80])
-    held = CachedBatch(heads[80:], mlps[80:], emb[80:], label[80:])
+    ref = Contributions(heads[:80], mlps[:80], emb[:80], label[:80])
+    held = Contributions(heads[80:], mlps[80:], emb[80:], label[80:])
     head_components = 18 if convention == "equal_share" else None  # every direction of a head
     bases = fit_unit_bases(
         [ref], maps, convention=convention, head_components=head_components, dtype=torch.float64
@@ -76,10 +83,10 @@ def synthetic_bases(
     return bases, maps
 
 
-def random_batch(bases: UnitBases, n: int = 3, seed: int = 0) -> CachedBatch:
+def random_batch(bases: UnitBases, n: int = 3, seed: int = 0) -> Contributions:
     g = torch.Generator().manual_seed(seed)
     layers, heads, k, dim = bases.num_layers, bases.num_heads, bases.head_dim, bases.output_dim
-    return CachedBatch(
+    return Contributions(
         torch.randn(n, layers, heads, k, generator=g),
         torch.randn(n, layers, dim, generator=g),
         torch.randn(n, dim, generator=g),
@@ -87,7 +94,7 @@ def random_batch(bases: UnitBases, n: int = 3, seed: int = 0) -> CachedBatch:
     )
 
 
-def head_sum(batch: CachedBatch, maps: torch.Tensor) -> torch.Tensor:
+def head_sum(batch: Contributions, maps: torch.Tensor) -> torch.Tensor:
     return torch.einsum("lhdk,nlhk->nd", maps, batch.heads)  # (N, D)
 
 
@@ -105,14 +112,14 @@ def test_identity_with_unit_lambdas(convention, transform):
     bases, maps, ref, held = tiny(convention)
     adapter = ResidualAdapter(bases, maps, transform=transform, others="keep", init="ones", add_mean=True)
     for batch in (ref, held):
-        torch.testing.assert_close(adapter(batch), embedding(batch, maps), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(adapter(batch), batch.embedding(maps), rtol=1e-5, atol=1e-6)
 
     # Without add_mean the transformed units' means are missing.
     adapter = ResidualAdapter(bases, maps, transform=transform, others="keep", init="ones", add_mean=False)
     th, tm, te = adapter.head_transformed, adapter.mlp_transformed, bool(adapter.emb_transformed)
     means = (bases.heads.mean * th[..., None]).sum((0, 1)) + (bases.mlps.mean * tm[:, None]).sum(0)
     means = means + (bases.emb.mean if te else 0)
-    torch.testing.assert_close(adapter(held), embedding(held, maps) - means, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(adapter(held), held.embedding(maps) - means, rtol=1e-5, atol=1e-6)
 
 
 def test_others_zero_and_mean():
@@ -127,7 +134,7 @@ def test_others_zero_and_mean():
 
 def test_baselines_identities():
     bases, maps, _, held = tiny()
-    emb = embedding(held, maps)
+    emb = held.embedding(maps)
     torch.testing.assert_close(ZeroShotAdapter(maps)(held), emb)
     torch.testing.assert_close(LinearAdapter(maps, identity_init=True)(held), emb)
     spectral = SpectralAdapter.from_bases(bases, maps, init="ones", add_mean=True)
@@ -186,7 +193,7 @@ def test_learned_parameter_counts(arch):
 def test_forward_shapes_dtype_and_unit_weights():
     bases, maps = synthetic_bases(2, 3, 8, 16)
     batch = random_batch(bases, n=5)
-    half = CachedBatch(batch.heads.half(), batch.mlps.half(), batch.emb.half(), batch.label)
+    half = Contributions(batch.heads.half(), batch.mlps.half(), batch.emb.half(), batch.label)
     for method in METHODS:
         adapter = build_adapter(method, bases, maps)
         out = adapter(half)  # float16 caches are cast to the adapter's dtype
@@ -273,6 +280,101 @@ def test_init_options():
 
 
 # --------------------------------------------------------------------------------------------
+# Typed options: the presets are their defaults; every spelling of model.adapter
+# --------------------------------------------------------------------------------------------
+
+
+def test_options_defaults_are_the_method_presets():
+    star = ResidualStarOptions()
+    assert (star.transform, star.components, star.others, star.init, star.seed) == (
+        "heads",
+        {"heads": 0.9},
+        "zero",
+        "normal",
+        0,
+    )
+    assert asdict(ResidualOptions()) == {
+        "transform": "all",
+        "components": "all",
+        "others": "keep",
+        "init": "normal",
+        "add_mean": False,
+        "seed": 0,
+    }
+    assert set(OPTIONS) == set(METHODS) and all(OPTIONS[m].method == m for m in METHODS)
+    assert PRESETS["residual_star"] == asdict(star) and PRESETS["zeroshot"] == {}
+    bases, maps = synthetic_bases(2, 3, 8, 16)
+    batch = random_batch(bases)
+    by_name = build_adapter("residual_star", bases, maps)
+    by_options = build_adapter(ResidualStarOptions(), bases, maps)
+    torch.testing.assert_close(by_name(batch), by_options(batch), rtol=0, atol=0)
+    overridden = build_adapter(ResidualStarOptions(others="keep"), bases, maps, seed=3)
+    assert overridden.others == "keep" and not torch.equal(overridden.head_lambdas, by_name.head_lambdas)
+
+
+def test_every_spelling_of_model_adapter(tmp_path):
+    assert options_for("coarse", None) == CoarseOptions()
+    typed = ResidualStarOptions(components={"heads": 0.95}, init="ones")
+    assert options_for("residual_star", typed) is typed
+    # What a checkpoint stores: plain values only, so it survives a weights-only load.
+    stored = typed.to_hparams()
+    torch.save({"adapter": stored}, tmp_path / "h.pt")
+    loaded = torch.load(tmp_path / "h.pt", weights_only=True)["adapter"]
+    assert loaded["class_path"] == "residual_lightning.residual.ResidualStarOptions"
+    assert options_for("residual_star", loaded) == typed
+    short = {"class_path": "residual_lightning.adapters.ResidualStarOptions", "init_args": {"seed": 2}}
+    assert options_for("residual_star", short) == ResidualStarOptions(seed=2)
+    # The old spelling: a plain dict beside the method, for one release, naming the new one.
+    with pytest.warns(FutureWarning, match=r"class_path: residual_lightning\.adapters\.ResidualStarOptions"):
+        old = options_for("residual_star", {"components": {"heads": 0.95}, "init": "ones"})
+    assert old == typed
+    with pytest.raises(
+        ValueError, match="holds CoarseOptions, the options of method 'coarse', but model.method"
+    ):
+        options_for("residual", CoarseOptions())
+    with pytest.raises(ValueError, match="not an adapter options class"):
+        options_for("residual", {"class_path": "os.system", "init_args": {}})
+    with pytest.raises(ValueError, match=r"\['compnents'\] are not options of"):
+        options_for("residual", {"class_path": "ResidualOptions", "init_args": {"compnents": 1}})
+    with pytest.raises(ValueError, match="unknown init='zeros' for method 'coarse'; valid: ones, normal"):
+        CoarseOptions(init="zeros")
+
+
+# --------------------------------------------------------------------------------------------
+# Initial λs: recorded at construction, rebuilt for state dicts written before
+# --------------------------------------------------------------------------------------------
+
+
+def _old(state: dict) -> dict:
+    """A state dict as written before the initial λs were recorded."""
+    return {k: v for k, v in state.items() if not k.endswith("_init")}
+
+
+@pytest.mark.parametrize("method", ["residual_star", "coarse", "spectral"])
+def test_initial_lambdas_are_recorded_and_rebuilt_for_old_state_dicts(method):
+    bases, maps = synthetic_bases(2, 3, 8, 16)
+    a = build_adapter(method, bases, maps, seed=4)
+    start = {k: v.clone() for k, v in a.initial_unit_weights().items()}
+    torch.testing.assert_close(start, a.unit_weights(), equal_nan=True)  # the Parameters' start
+    with torch.no_grad():
+        for p in a.parameters():
+            p.mul_(3.0).add_(1.0)
+    torch.testing.assert_close(a.initial_unit_weights(), start, equal_nan=True)  # training leaves it
+    # Rebuilt like the model does on load: an adapter of the same options on placeholder bases.
+    fresh = build_adapter(method, UnitBases.zeros(bases.layout), maps, seed=4)
+    fresh.load_state_dict(_old(a.state_dict()))
+    torch.testing.assert_close(fresh.initial_unit_weights(), start, equal_nan=True)
+    torch.testing.assert_close(fresh.unit_weights(), a.unit_weights(), equal_nan=True)
+    if method != "coarse":  # eigen λs come from the spectra, which a checkpoint does not hold
+        eigen = build_adapter(method, bases, maps, init="eigen")
+        again = build_adapter(method, UnitBases.zeros(bases.layout), maps, init="eigen")
+        again.load_state_dict(_old(eigen.state_dict()))
+        assert all(torch.isnan(w).all() for w in again.initial_unit_weights().values())
+        again.load_state_dict(eigen.state_dict())  # a new checkpoint holds them
+        torch.testing.assert_close(again.initial_unit_weights(), eigen.initial_unit_weights(), equal_nan=True)
+
+
+# --------------------------------------------------------------------------------------------
 # Learning: the label lives in one head's 3rd principal component
 # --------------------------------------------------------------------------------------------
 
@@ -295,7 +397,7 @@ def test_residual_star_learns_the_planted_component():
 
     def batch(data):
         c = torch.einsum("dk,nk->nd", maps[planted], data[0][:, planted[0], planted[1]])  # (N, D)
-        return CachedBatch(*data, ((c - mu) @ phi > 0).long())
+        return Contributions(*data, ((c - mu) @ phi > 0).long())
 
     train_b, test_b = batch(train), batch(test)
     assert 0.4 < train_b.label.float().mean() < 0.6

@@ -206,15 +206,12 @@ def test_report_rebuilds_initial_lambdas_and_logs_to_tensorboard(run, tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
     from residual_lightning.adapters import build_adapter
-    from residual_lightning.analysis.cli import datamodule_from_config
-    from residual_lightning.analysis.report import (
-        initial_unit_weights,
-        log_report_to_tensorboard,
-        write_report,
-    )
+    from residual_lightning.analysis.lambdas import initial_unit_weights
+    from residual_lightning.analysis.report import log_report_to_tensorboard, write_report
+    from residual_lightning.data.datamodule import ResidualDataModule
     from residual_lightning.model import ResidualModel
 
-    dm = datamodule_from_config(CONFIG, cache_dir=str(run["cache"]))
+    dm = ResidualDataModule.from_config(CONFIG, cache_dir=str(run["cache"]))
     dm.prepare_data()
     dm.setup()
     model = ResidualModel.load_from_checkpoint(str(run["ckpt"]), map_location="cpu", weights_only=True)

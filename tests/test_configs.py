@@ -9,6 +9,7 @@ resolves to the same values in any order and needs no test of its own.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from residual_lightning.adapters import ResidualStarOptions
 from residual_lightning.cli import ResidualCLI, ResidualTrainer, main
 from residual_lightning.data.datamodule import ResidualDataModule
 from residual_lightning.data.registry import DATASETS
@@ -74,6 +76,15 @@ def load(path: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
+def method_of(path: Path) -> str:
+    """A method config's `model.method`, or the `method` of the model class it selects (finetune)."""
+    model = load(path)["model"]
+    if "class_path" in model:
+        module, _, name = model["class_path"].rpartition(".")
+        return getattr(importlib.import_module(module), name).method
+    return model["method"]
+
+
 def build(tmp_path: Path, *configs: Path, extra: tuple[str, ...] = ()) -> ResidualCLI:
     """Parse and instantiate with the CLI, everything that could be written pointed into tmp_path."""
     args = [a for c in configs for a in ("--config", str(c))]
@@ -102,7 +113,7 @@ def test_quickstart_alone(tmp_path):
     cli = build(tmp_path, QUICKSTART)
     assert cli.model.method == "residual" and cli.model.lr == 0.8
     assert cli.datamodule.dataset == "digits" and cli.datamodule.num_classes == 10
-    assert cli.model.hparams.shape == layout_from_config("RL-Tiny-ViT-64") == (4, 4, 64, 128)
+    assert cli.model.hparams.shape == layout_from_config("RL-Tiny-ViT-64").shape == (4, 4, 64, 128)
     assert cli.trainer.max_epochs == 30
 
 
@@ -114,8 +125,8 @@ def test_backbone_with_every_method(tmp_path, backbone, method):
     spec = cli.datamodule.backbone
     assert spec == BackboneSpec(cfg["model_name"], cfg["pretrained"])
     assert cli.model.backbone_spec == spec  # linked, never typed twice
-    assert cli.model.hparams.shape == layout_from_config(cfg["model_name"])
-    name = load(method)["model"]["method"]
+    assert cli.model.hparams.shape == layout_from_config(cfg["model_name"]).shape
+    name = method_of(method)
     lr, batch, clip = RECIPE[name]
     assert cli.model.method == name
     if lr is not None:
@@ -169,7 +180,7 @@ def test_a_config_per_registry_dataset():
 
 
 def test_a_config_per_method():
-    assert {load(p)["model"]["method"] for p in METHODS} == set(RECIPE)
+    assert {method_of(p) for p in METHODS} == set(RECIPE)
 
 
 def test_families_set_disjoint_keys():
@@ -183,14 +194,20 @@ def test_families_set_disjoint_keys():
                 assert owner == family, f"{key} is set by both {owner} and {family} configs"
 
 
+ADAPTER = "model:\n  adapter:\n    class_path: residual_lightning.adapters.ResidualOptions\n    init_args:\n"
+
+
 @pytest.mark.parametrize(
     "bad, key, words",
     [
         ("model:\n  methd: residual\n", "model.methd", ["does not accept"]),
         ("data:\n  batch_size: abc\n", "data.batch_size", ["int", "abc"]),
         ("model:\n  method: residul\n", "model.method", ["residul", "residual_star"]),
+        (f"{ADAPTER}      compnents: 0.9\n", "adapter", ["compnents", "not accepted"]),
+        (f"{ADAPTER}      init: zeros\n", "adapter", ["init", "zeros", "'normal'"]),
+        ("model:\n  adapter: {inti: ones}\n", "adapter", ["inti"]),
     ],
-    ids=["typo", "wrong-type", "unknown-method"],
+    ids=["typo", "wrong-type", "unknown-method", "adapter-typo", "adapter-wrong-value", "old-spelling-typo"],
 )
 def test_bad_yaml_fails_with_the_parser_message(tmp_path, capsys, bad, key, words):
     """A clean jsonargparse error naming the key (exit code 2), not a traceback from deep inside."""
@@ -204,3 +221,27 @@ def test_bad_yaml_fails_with_the_parser_message(tmp_path, capsys, bad, key, word
     assert key in err
     assert all(w in err for w in words), err[-500:]
     assert "Traceback" not in err
+
+
+def test_adapter_options_are_listed_in_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.adapter.help", "ResidualStarOptions"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # help wraps at the terminal's width
+    for words in ("adapter.components", "default: {'heads': 0.9}", "adapter.others {keep,zero,mean}"):
+        assert words in out, out[-1500:]
+    assert "explained variance" in out  # the field docs
+
+
+def test_adapter_option_override_and_the_old_spelling(tmp_path):
+    star = CONFIGS / "methods" / "residual_star.yaml"
+    cli = build(tmp_path, TINY, DIGITS, star, extra=("--model.adapter.seed", "3"))
+    assert cli.model.options == ResidualStarOptions(seed=3)
+    assert cli.model.hparams.adapter == ResidualStarOptions(seed=3).to_hparams()
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  method: residual_star\n  adapter:\n    seed: 3\n")
+    with pytest.warns(
+        FutureWarning, match=r"write `model.adapter: \{class_path: residual_lightning.adapters"
+    ):
+        cli = build(tmp_path, TINY, DIGITS, old)
+    assert cli.model.options == ResidualStarOptions(seed=3)

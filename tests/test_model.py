@@ -6,8 +6,9 @@ import lightning as L
 import pytest
 import torch
 
-from residual_lightning.data.batch import embedding
+from residual_lightning.adapters import ResidualOptions, ResidualStarOptions
 from residual_lightning.data.datamodule import ResidualDataModule
+from residual_lightning.finetune import FinetuneModel
 from residual_lightning.model import ResidualCLIP, ResidualModel
 
 LRS = {
@@ -64,12 +65,12 @@ def test_every_adapter_beats_zero_shot(dm, tmp_path, method):
 
 
 def test_identity_adapter_gives_zero_shot_logits(dm, tmp_path):
-    model = make_model(dm, "residual", adapter={"init": "ones", "add_mean": True})
+    model = make_model(dm, "residual", adapter=ResidualOptions(init="ones", add_mean=True))
     trainer(tmp_path).validate(model, dm, verbose=False)  # runs setup: fills buffers, builds the adapter
     batch = dm.caches["test"].batch(slice(0, 100))
     with torch.no_grad():
         adapted = model(batch)
-        zero_shot = model.logits_from_embedding(embedding(batch, model.head_maps))
+        zero_shot = model.logits_from_embedding(batch.embedding(model.head_maps))
     torch.testing.assert_close(adapted, zero_shot, rtol=1e-5, atol=1e-5)
 
 
@@ -98,13 +99,39 @@ def test_checkpoint_round_trip_and_schedule_free_eval_weights(dm, tmp_path):
     images = torch.stack([data[i][0] for i in range(8)])
     probs = clip.predict(images)
     with torch.no_grad():
-        from residual_lightning.data.batch import CachedBatch
+        from residual_lightning.contributions import Contributions
         from residual_lightning.units import decompose_compact
 
         c = decompose_compact(bb.model, images)
-        ref = model(CachedBatch(c.heads, c.mlps, c.emb, torch.zeros(8, dtype=torch.long))).softmax(-1)
+        ref = model(Contributions(c.heads, c.mlps, c.emb, torch.zeros(8, dtype=torch.long))).softmax(-1)
     torch.testing.assert_close(probs, ref, rtol=1e-4, atol=1e-5)
     assert clip.encode_image(images).shape == (8, dm.shape[3])
+
+
+def test_checkpoint_of_the_previous_release_loads(dm, tmp_path):
+    """Hyperparameters with ``adapter`` a plain dict of overrides and no initial-λ buffers: the
+    checkpoint loads (naming the new spelling) and the λs it started from are drawn again."""
+    model = make_model(dm, "residual_star", adapter=ResidualStarOptions(seed=3))
+    t = trainer(tmp_path)
+    t.validate(model, dm, verbose=False)  # builds the adapter
+    start = model.adapter.initial_unit_weights()
+    with torch.no_grad():
+        model.adapter.head_lambdas.add_(0.5)  # as if trained
+    path = tmp_path / "new.ckpt"
+    t.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["hyper_parameters"]["adapter"] == ResidualStarOptions(seed=3).to_hparams()
+    assert "adapter.head_lambdas_init" in ckpt["state_dict"]
+    ckpt["hyper_parameters"]["adapter"] = {"seed": 3}  # what the previous release stored
+    ckpt["hyper_parameters"].pop("_class_path", None)
+    ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.endswith("_init")}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    with pytest.warns(FutureWarning, match="ResidualStarOptions"):
+        old = ResidualCLIP.from_checkpoint(str(tmp_path / "old.ckpt")).model
+    assert old.options == ResidualStarOptions(seed=3)
+    torch.testing.assert_close(old.adapter.initial_unit_weights(), start, equal_nan=True)
+    torch.testing.assert_close(old.adapter.unit_weights(), model.adapter.unit_weights(), equal_nan=True)
+    assert ResidualCLIP.from_checkpoint(str(path)).model.options == ResidualStarOptions(seed=3)
 
 
 def test_unknown_method_is_refused(dm):
@@ -122,9 +149,7 @@ def test_finetune_trains_the_vision_tower_on_images(tmp_path):
         mode="images",
         batch_size=128,
     )
-    model = ResidualModel(
-        method="finetune", lr=1e-4, class_names=data.class_names, shape=data.shape, backbone=data.backbone
-    )
+    model = FinetuneModel(lr=1e-4, class_names=data.class_names, shape=data.shape, backbone=data.backbone)
     t = trainer(tmp_path, epochs=1, gradient_clip_val=1.0)
     t.fit(model, data)
     res = t.test(model, data, verbose=False)[0]

@@ -18,7 +18,6 @@ from residual_lightning.analysis.selection import (
     selection_curve,
     top_k_mask,
 )
-from residual_lightning.data.batch import embedding
 
 L, H, K, D, C = 3, 4, 6, 20, 4
 PLANTED = (1, 2)  # the head that carries the label
@@ -71,12 +70,12 @@ def _accuracy(z: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> float:
 def test_all_heads_kept_equals_the_full_model(caches):
     test, w = caches["test"], caches["w"]
     batch = _all(test)
-    full = _accuracy(embedding(batch, test.head_maps), w, batch.label)
+    full = _accuracy(batch.embedding(test.head_maps), w, batch.label)
     keep = torch.ones(L, H, dtype=torch.bool)
     assert ablate(test, w, keep, "zero") == pytest.approx(full, abs=1e-12)
     assert ablate(test, (w, 100.0), keep, "mean") == pytest.approx(full, abs=1e-12)
     # The scaled-cosine logits of the model rank classes the same way.
-    scaled = 100.0 * torch.nn.functional.normalize(embedding(batch, test.head_maps), dim=-1) @ w.T
+    scaled = 100.0 * torch.nn.functional.normalize(batch.embedding(test.head_maps), dim=-1) @ w.T
     assert float((scaled.argmax(-1) == batch.label).double().mean()) == pytest.approx(full)
 
 

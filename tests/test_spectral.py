@@ -1,4 +1,5 @@
-"""Streaming per-unit PCA, component selection and the compact ResiDual transform (spectral.py)."""
+"""Streaming per-unit PCA (spectral.py), component selection (unit_bases.py) and the compact ResiDual
+transform (transform.py)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,9 @@ import torch.distributed as dist
 from conftest import build_clip
 from sklearn.decomposition import PCA
 
-from residual_lightning.data.batch import CachedBatch
-from residual_lightning.spectral import (
-    MomentAccumulator,
-    UnitBases,
-    compact_projection,
-    fit_unit_bases,
-    select_components,
-    transform_dense,
-    transform_heads,
-)
+from residual_lightning.contributions import Contributions
+from residual_lightning.spectral import MomentAccumulator, UnitBases, fit_unit_bases, select_components
+from residual_lightning.transform import compact_projection, transform_dense, transform_heads
 from residual_lightning.units import decompose_compact
 
 N_REF = 80
@@ -120,7 +114,7 @@ def test_streaming_equals_one_batch(compact):
     one = _fit(compact)
     cuts = [0, 7, 8, 30, 61, N_REF]  # uneven, including a batch of one sample
     batches = [
-        CachedBatch(compact.heads[a:b], compact.mlps[a:b], compact.emb[a:b], torch.zeros(b - a))
+        Contributions(compact.heads[a:b], compact.mlps[a:b], compact.emb[a:b], torch.zeros(b - a))
         for a, b in zip(cuts, cuts[1:])
     ]
     many = _fit(compact, batches=batches, chunk_size=5)
@@ -313,7 +307,7 @@ def test_update_rejects_wrong_shapes():
     acc = MomentAccumulator(cc.head_maps)
     with pytest.raises(ValueError, match="batch heads has shape"):
         acc.update((cc.heads[..., :8], cc.mlps, cc.emb))
-    with pytest.raises(TypeError, match="expected a CachedBatch"):
+    with pytest.raises(TypeError, match="expected Contributions"):
         acc.update(cc.heads)
     with pytest.raises(ValueError, match="at least 2 samples"):
         acc.finalize()

@@ -7,14 +7,8 @@ import pytest
 import torch
 from conftest import write_synthetic_cache as write_cache
 
-from residual_lightning.analysis.textspan import (
-    encode_bank,
-    head_descriptions,
-    load_bank,
-    somp,
-    textspan,
-    unit_spectra,
-)
+from residual_lightning.analysis.bank import encode_bank, load_bank
+from residual_lightning.analysis.textspan import head_descriptions, somp, textspan, unit_spectra
 
 PLANTED = (7, 42, 101)  # bank rows the data is made of
 STDS = (3.0, 2.0, 1.0)  # their standard deviations in the data

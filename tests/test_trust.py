@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +15,12 @@ import pytest
 import torch
 from cli_helpers import QUICK, quick_args
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from residual_lightning.cli import main
 from residual_lightning.data.cache import ActivationCache
-from residual_lightning.data.datamodule import ResidualDataModule, build_caches
+from residual_lightning.data.datamodule import ResidualDataModule
 from residual_lightning.files import CacheError
-from residual_lightning.units import BackboneSpec
+from tests.helpers import derived_files, setup_digits, tamper
 
 QUIET = ("--trainer.enable_progress_bar", "false")
 
@@ -117,76 +114,13 @@ def test_fixed_bad_image_reruns_without_deleting_anything(tmp_path):
 
 
 # ------------------------------------------------------------------ derived files
-
-
-@pytest.fixture(scope="module")
-def digits(digits_cache):
-    """Digits caches, PCA bases and text classifier of the quickstart backbone (built once)."""
-    dm = digits_module(digits_cache)
-    build_caches(dm)  # verifies what the session fixture built
-    dm.bases()
-    return digits_cache
-
-
-def digits_module(cache: Path, **kw) -> ResidualDataModule:
-    spec = BackboneSpec("RL-Tiny-ViT-64")
-    return ResidualDataModule(spec, "digits", dataset_options={"image_size": 64}, cache_dir=str(cache), **kw)
-
-
-def tamper(path: Path) -> None:
-    """Change one value of a safetensors file but keep its metadata (and so its recorded checksum)."""
-    with safe_open(str(path), "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k).clone() for k in f.keys()}
-    name = next(k for k, v in tensors.items() if v.is_floating_point() and v.numel() > 1)
-    tensors[name].view(-1)[0] += 0.5
-    save_file(tensors, str(path), metadata=meta)
-
-
-def test_altered_or_truncated_bases_and_classifier_are_refused_or_rebuilt(tmp_path, digits):
-    cache = tmp_path / "cache"
-    shutil.copytree(digits, cache)
-    dm = digits_module(cache)
-    dm.setup("fit")
-    bases, (weights, scale) = dm.bases(), dm.classifier()
-    bases_file, classifier_file = derived_files(dm)
-
-    tamper(bases_file)
-    with pytest.raises(CacheError, match=rf"{bases_file.name} is corrupt"):
-        _setup(cache).bases()
-    data = classifier_file.read_bytes()
-    classifier_file.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CacheError, match=rf"{classifier_file.name} is truncated"):
-        _setup(cache).classifier()
-
-    fixed = _setup(cache, on_mismatch="rebuild")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rebuilt_bases, (rebuilt_weights, rebuilt_scale) = fixed.bases(), fixed.classifier()
-    assert sum("rebuilding" in str(w.message) or "refitting" in str(w.message) for w in caught) == 2
-    torch.testing.assert_close(rebuilt_bases.heads.components, bases.heads.components)
-    torch.testing.assert_close(rebuilt_weights, weights)
-    assert rebuilt_scale == pytest.approx(scale)
-    again = _setup(cache)
-    again.bases(), again.classifier()  # valid again: no error, no warning
-
-
-def derived_files(dm: ResidualDataModule) -> tuple[Path, Path]:
-    """The PCA-bases and text-classifier files of a data module."""
-    from residual_lightning.classifier import classifier_path
-
-    return dm.bases_path(), classifier_path(dm.cache_dir, dm.backbone, dm.class_names, dm.templates)
-
-
-def _setup(cache: Path, **kw) -> ResidualDataModule:
-    dm = digits_module(cache, **kw)
-    dm.setup("fit")
-    return dm
+# (the `digits` fixture, the quickstart's digits caches, bases and classifier, is in conftest.py)
 
 
 def test_fit_names_an_altered_bases_file(tmp_path, digits):
     cache = tmp_path / "cache"
     shutil.copytree(digits, cache)
-    bases_file, _ = derived_files(_setup(cache))
+    bases_file, _ = derived_files(setup_digits(cache))
     tamper(bases_file)
     with pytest.raises(CacheError, match=rf"{bases_file.name} is corrupt.*on_mismatch rebuild"):
         main(["fit", *digits_args(tmp_path, cache, "--trainer.max_epochs", "1")])

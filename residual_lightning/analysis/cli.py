@@ -10,8 +10,11 @@ PNG figures into ``--out_dir``::
     residual-lightning analyze selection --config configs/quickstart.yaml [--seeds 10]
     residual-lightning analyze report --ckpt runs/.../best.ckpt [--config the_fit.yaml]
 
-Any data option can be overridden after ``--config`` like in ``fit``: ``--data.cache_dir /tmp/c``
-(``--data2.*`` for the second config of ``similarity``).
+Any data option given on the command line overrides the ``--config`` file's, like in ``fit``:
+``--data.cache_dir /tmp/c`` (``--data2.*`` for the second config of ``similarity``). The data
+module is `ResidualDataModule.from_config`; the computations are the library functions of
+`residual_lightning.analysis` and the figures those of `residual_lightning.plots`; this module
+only parses, calls them and writes their tables.
 """
 
 from __future__ import annotations
@@ -23,105 +26,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
+from jsonargparse import ArgumentError, ArgumentParser
+
+from residual_lightning.analysis.bank import encode_bank, load_bank
+from residual_lightning.analysis.contributions import unit_contributions, unit_names
+from residual_lightning.analysis.intrinsic_dim import id_profile, layer_profile
+from residual_lightning.analysis.report import write_report
+from residual_lightning.analysis.selection import selection_curve
+from residual_lightning.analysis.similarity import layer_similarity, unit_similarity
+from residual_lightning.analysis.textspan import head_descriptions, somp_descriptions
+from residual_lightning.data.datamodule import ResidualDataModule
+from residual_lightning.plots import (
+    plot_id_profile,
+    plot_selection_curve,
+    plot_similarity_heatmap,
+    plot_textspan,
+)
 
 Score = Literal["zeroshot", "text_corr", "output_corr", "random"]
 
-__all__ = [
-    "datamodule_from_config",
-    "intrinsic_dim",
-    "main",
-    "report",
-    "selection",
-    "similarity",
-    "textspan",
-]
+__all__ = ["intrinsic_dim", "main", "report", "selection", "similarity", "textspan"]
 
 
 # --------------------------------------------------------------------------------------------
-# Config plumbing
+# Outputs
 # --------------------------------------------------------------------------------------------
-
-
-def _data_section(path: str | Path) -> dict[str, Any]:
-    """The ``data:`` section of a fit YAML (its ``init_args`` when written with a class_path)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    data = cfg.get("data") if isinstance(cfg, dict) else None
-    if data is None:
-        raise ValueError(f"{path} has no data: section (expected a `residual-lightning fit` config)")
-    if isinstance(data, dict) and "init_args" in data:
-        data = data["init_args"] or {}
-    return data
-
-
-def _data_parser(groups: Sequence[str] = ("data",)):
-    from jsonargparse import ArgumentParser
-
-    from residual_lightning.data.datamodule import ResidualDataModule
-
-    parser = ArgumentParser(exit_on_error=False)
-    for group in groups:
-        parser.add_class_arguments(ResidualDataModule, group)
-    return parser
-
-
-def _instantiate(parser, cfg):
-    """`parser.instantiate` (jsonargparse >= 4.49) or `instantiate_classes` before it."""
-    return parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
-
-
-def datamodule_from_config(config: str | Path | Sequence[str | Path], **overrides: Any):
-    """Build the `ResidualDataModule` of one or more fit configs (later files override earlier).
-
-    Args:
-        config: fit YAML(s) with a ``data:`` section; other sections are ignored.
-        **overrides: data options replacing the configs' (e.g. ``cache_dir="/tmp/c"``).
-
-    Returns:
-        The data module (not yet prepared nor set up).
-    """
-    configs = [config] if isinstance(config, str | Path) else list(config)
-    parser = _data_parser()
-    args: list[str] = []
-    for path in configs:
-        args += ["--data", yaml.safe_dump(_data_section(path))]
-    for key, value in overrides.items():
-        args += [f"--data.{key}", json.dumps(value) if not isinstance(value, str) else value]
-    return _instantiate(parser, parser.parse_args(args)).data
-
-
-_CONFIG_FLAGS = {"--config": "data", "--config2": "data2"}
-
-
-def _expand_configs(argv: Sequence[str]) -> tuple[list[str], set[str]]:
-    """Insert ``--data <the config's data section>`` after every ``--config PATH`` (``--data2`` for
-    ``--config2``), so later ``--data.*`` flags override it; also report which groups were given."""
-    out: list[str] = []
-    given: set[str] = set()
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        flag, _, value = arg.partition("=")
-        if flag in _CONFIG_FLAGS:
-            if not value:
-                if i + 1 >= len(argv):
-                    raise SystemExit(f"error: {flag} needs a path")
-                i += 1
-                value = argv[i]
-            group = _CONFIG_FLAGS[flag]
-            out += [flag, value, f"--{group}", yaml.safe_dump(_data_section(value))]
-            given.add(group)
-        else:
-            if arg.startswith("--data2"):
-                given.add("data2")
-            elif arg.startswith("--data"):
-                given.add("data")
-            out.append(arg)
-        i += 1
-    return out, given
 
 
 def _prepared(dm):
@@ -154,26 +83,6 @@ def _describe(dm) -> dict[str, Any]:
     }
 
 
-def _resolve_units(spec: str | None, layers: int, heads: int) -> list[str]:
-    """Unit names from ``heads``, ``mlps``, ``all`` or a comma-separated list of names."""
-    head_names = [f"l{i}.h{h}" for i in range(layers) for h in range(heads)]
-    mlp_names = [f"l{i}.mlp" for i in range(layers)]
-    if spec in (None, "", "heads"):
-        return head_names
-    if spec == "mlps":
-        return mlp_names
-    if spec == "all":
-        return ["emb", *mlp_names, *head_names]
-    names = [u.strip() for u in spec.split(",") if u.strip()]
-    valid = {"emb", *mlp_names, *head_names}
-    bad = [u for u in names if u not in valid]
-    if bad:
-        raise ValueError(
-            f"unknown unit(s) {bad}; valid: emb, l<0..{layers - 1}>.mlp, l<l>.h<0..{heads - 1}>, heads, mlps, all"
-        )
-    return names
-
-
 # --------------------------------------------------------------------------------------------
 # Subcommands
 # --------------------------------------------------------------------------------------------
@@ -201,10 +110,6 @@ def intrinsic_dim(
         threshold: explained variance of the linear ID.
         fraction: fraction of neighbour ratios TwoNN keeps.
     """
-    from residual_lightning.analysis.intrinsic_dim import id_profile, layer_profile
-    from residual_lightning.analysis.plots import plot_id_profile
-    from residual_lightning.analysis.report import unit_contributions
-
     dm = _prepared(datamodule)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -261,50 +166,20 @@ def similarity(
         units: ``heads``, ``mlps``, ``all`` or comma-separated unit names (``l3.h1,l3.mlp``).
         threshold: cumulative explained variance each basis is cut at.
     """
-    import torch
-
-    from residual_lightning.analysis.plots import plot_similarity_heatmap
-    from residual_lightning.analysis.similarity import spectral_cosine_similarity, truncate_basis
-
     dm = _prepared(datamodule)
     dm2 = _prepared(datamodule2) if datamodule2 is not None else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layers, heads = dm.head_maps.shape[:2]
-    names = _resolve_units(units, layers, heads)
-
-    def cut(bases, name):
-        b = bases.unit(name)
-        m = b.mask
-        return truncate_basis(
-            b.components[m],
-            b.explained_variance[m],
-            threshold,
-            explained_variance_ratio=b.explained_variance_ratio[m],
+    names = unit_names(units, layers, heads)
+    if dm2 is not None and tuple(dm2.head_maps.shape[:3]) != tuple(dm.head_maps.shape[:3]):
+        raise ValueError(
+            "the two configs' backbones have different unit layouts; compare same-architecture models"
         )
-
-    bases_a = dm.bases()
-    cut_a = [cut(bases_a, u) for u in names]
-    if dm2 is None:
-        cut_b = cut_a
-    else:
-        if (
-            tuple(dm2.head_maps.shape[:2]) != (layers, heads)
-            or dm2.head_maps.shape[2] != dm.head_maps.shape[2]
-        ):
-            raise ValueError(
-                "the two configs' backbones have different unit layouts; compare same-architecture models"
-            )
-        bases_b = dm2.bases()
-        cut_b = [cut(bases_b, u) for u in names]
+    matrix, components = unit_similarity(
+        dm.bases(), names, threshold, bases2=dm2.bases() if dm2 is not None else None
+    )
     n = len(names)
-    matrix = torch.zeros(n, n, dtype=torch.float64)
-    for i in range(n):
-        for j in range(i if dm2 is None else 0, n):
-            s = spectral_cosine_similarity(cut_a[i][0], cut_b[j][0], cut_a[i][1], cut_b[j][1])
-            matrix[i, j] = s
-            if dm2 is None:
-                matrix[j, i] = s
     rows = [
         {"unit_a": names[i], "unit_b": names[j], "similarity": float(matrix[i, j])}
         for i in range(n)
@@ -321,31 +196,7 @@ def similarity(
         ),
     }
     # Per-layer mean over pairs of heads (self-pairs excluded within one config).
-    head_idx = [(i, int(u[1:].split(".")[0])) for i, u in enumerate(names) if ".h" in u]
-    layer_ids = sorted({layer for _, layer in head_idx})
-    layer_rows, layer_matrix = (
-        [],
-        torch.full((len(layer_ids), len(layer_ids)), float("nan"), dtype=torch.float64),
-    )
-    for a, la in enumerate(layer_ids):
-        for b, lb in enumerate(layer_ids):
-            vals = [
-                float(matrix[i, j])
-                for i, li in head_idx
-                if li == la
-                for j, lj in head_idx
-                if lj == lb and (dm2 is not None or i != j)
-            ]
-            if vals:
-                layer_matrix[a, b] = sum(vals) / len(vals)
-                layer_rows.append(
-                    {
-                        "layer_a": la,
-                        "layer_b": lb,
-                        "pairs": len(vals),
-                        "mean_similarity": layer_matrix[a, b].item(),
-                    }
-                )
+    layer_ids, layer_matrix, layer_rows = layer_similarity(matrix, names, cross=dm2 is not None)
     if layer_rows:
         files["layers"] = _write_csv(out / "similarity_layers.csv", layer_rows)
         files["layers_figure"] = plot_similarity_heatmap(
@@ -365,7 +216,7 @@ def similarity(
             "b": _describe(dm2) if dm2 is not None else None,
             "threshold": threshold,
             "units": names,
-            "components": [int(c[0].shape[0]) for c in cut_a],
+            "components": components,
             "same_unit": same,
         },
     )
@@ -400,14 +251,11 @@ def textspan(
         part: cache part the units are read from.
         max_samples: samples used (null: all for textspan, 5000 for somp).
     """
-    from residual_lightning.analysis.report import unit_contributions
-    from residual_lightning.analysis.textspan import encode_bank, head_descriptions, load_bank, somp
-
     dm = _prepared(datamodule)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layers, heads = dm.head_maps.shape[:2]
-    names = _resolve_units(units, layers, heads)
+    names = unit_names(units, layers, heads)
     templates = dm.templates
     descriptions = load_bank(
         bank, dm.class_names if class_prompts else None, templates[0] if templates else "a photo of a {}."
@@ -418,23 +266,11 @@ def textspan(
     if method == "textspan":
         rows = head_descriptions(cache, embeddings, descriptions, k=k, units=names, max_samples=max_samples)
     else:
-        rows = []
-        for unit, x in unit_contributions(cache, max_samples or 5000, units=names):
-            previous = 0.0
-            for r, (index, explained) in enumerate(somp(x, embeddings, k=k)):
-                rows.append(
-                    {
-                        "unit": unit,
-                        "rank": r + 1,
-                        "index": index,
-                        "description": descriptions[index],
-                        "share": explained - previous,
-                        "cumulative": explained,
-                    }
-                )
-                previous = explained
+        rows = somp_descriptions(
+            cache, embeddings, descriptions, k=k, units=names, max_samples=max_samples or 5000
+        )
     files = {"table": _write_csv(out / "textspan.csv", rows)}
-    files["figure"] = _plot_textspan(
+    files["figure"] = plot_textspan(
         rows, out / "textspan.png", f"{method} on {dm.dataset}/{part}: variance explained by {k} descriptions"
     )
     files["summary"] = _write_json(
@@ -451,46 +287,6 @@ def textspan(
         },
     )
     return files
-
-
-def _plot_textspan(rows: Sequence[dict[str, Any]], path: Path, title: str, limit: int = 40) -> Path:
-    """Horizontal bars: variance explained per unit by its picks, split by pick, top-1 description written."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    units = list(dict.fromkeys(r["unit"] for r in rows))
-    totals = {u: max(r["cumulative"] for r in rows if r["unit"] == u) for u in units}
-    shown = sorted(units, key=lambda u: -totals[u])[:limit][::-1]
-    fig = Figure(figsize=(9.5, 1.3 + 0.3 * max(len(shown), 3)), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for y, unit in enumerate(shown):
-        left = 0.0
-        picks = sorted((r for r in rows if r["unit"] == unit), key=lambda r: r["rank"])
-        for r in picks:
-            ax.barh(
-                y,
-                r["share"],
-                left=left,
-                color=f"C{(r['rank'] - 1) % 10}",
-                alpha=0.85,
-                edgecolor="white",
-                lw=0.5,
-            )
-            left += r["share"]
-        text = picks[0]["description"] if picks else ""
-        ax.text(left + 0.01, y, text if len(text) <= 45 else text[:44] + "…", va="center", fontsize=7)
-    ax.set_yticks(range(len(shown)), shown, fontsize=8)
-    ax.set_xlim(0, 1.45)
-    ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
-    ax.set_xlabel(
-        "share of the unit's variance explained (segments: 1st, 2nd, ... description; text: the 1st)"
-    )
-    ax.grid(axis="x", alpha=0.3)
-    note = f" (top {len(shown)} of {len(units)} units)" if len(units) > len(shown) else ""
-    ax.set_title(title + note, fontsize=10)
-    fig.savefig(path, dpi=120)
-    return path
 
 
 def selection(
@@ -513,8 +309,6 @@ def selection(
         replace: what replaces the removed heads: zero and/or their validation mean.
         seeds: seeds of the random score.
     """
-    from residual_lightning.analysis.selection import plot_selection_curve, selection_curve
-
     dm = _prepared(datamodule)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -564,8 +358,6 @@ def report(
         descriptions_per_unit: TextSpan picks per unit.
         id_samples: train samples of the intrinsic-dimension profile.
     """
-    from residual_lightning.analysis.report import write_report
-
     path = write_report(
         ckpt,
         out_dir,
@@ -586,12 +378,11 @@ COMMANDS = {
     "report": (report, ("data",)),
 }
 _OPTIONAL_DATA = {"similarity": {"data2"}, "report": {"data"}}
+_CONFIG_FLAG = {"data": "config", "data2": "config2"}  # the YAML each data group starts from
+_ARGUMENT = {"data": "datamodule", "data2": "datamodule2"}
 
 
 def _parser():
-    from jsonargparse import ArgumentParser
-
-    from residual_lightning.data.datamodule import ResidualDataModule
 
     parser = ArgumentParser(
         prog="residual-lightning analyze",
@@ -601,7 +392,7 @@ def _parser():
     for name, (fn, groups) in COMMANDS.items():
         sub = ArgumentParser(description=(fn.__doc__ or "").strip().splitlines()[0])
         for group in groups:
-            flag = "--config" if group == "data" else "--config2"
+            flag = f"--{_CONFIG_FLAG[group]}"
             sub.add_argument(
                 flag,
                 type=str | None,
@@ -619,22 +410,30 @@ def _parser():
 def main(argv: list[str]) -> None:
     """Entry point of ``residual-lightning analyze <subcommand> ...``.
 
+    Each data module is `ResidualDataModule.from_config` of its ``--config`` file with the
+    ``--data.*`` options given on the command line (``--config2``, ``--data2.*``) on top.
+
     Args:
         argv: the arguments after ``analyze``.
     """
-    argv, given = _expand_configs(list(argv))
     parser = _parser()
     cfg = parser.parse_args(argv)
     name = cfg.command
     fn, groups = COMMANDS[name]
-    init = _instantiate(parser, cfg)[name]
-    kwargs = {
-        k: v for k, v in vars(init).items() if k not in ("config", "config2", "data", "data2", "__path__")
-    }
+    args = cfg[name]
+    typed = parser.parse_args(argv, defaults=False)[name]  # only the options on the command line
+    skip = {"__path__", *groups, *(_CONFIG_FLAG[g] for g in groups)}
+    kwargs = {k: v for k, v in vars(args).items() if k not in skip}
     for group in groups:
-        key = "datamodule" if group == "data" else "datamodule2"
-        optional = group in _OPTIONAL_DATA.get(name, set())
-        kwargs[key] = init[group] if (group in given or not optional) else None
+        config = args[_CONFIG_FLAG[group]]
+        overrides = dict(typed[group].items()) if typed.get(group) is not None else {}
+        if config is None and not overrides and group in _OPTIONAL_DATA.get(name, set()):
+            kwargs[_ARGUMENT[group]] = None
+            continue
+        try:
+            kwargs[_ARGUMENT[group]] = ResidualDataModule.from_config(config, **overrides)
+        except (ArgumentError, FileNotFoundError, ValueError) as err:
+            parser.error(f"--{_CONFIG_FLAG[group]} {config}: {err}")
     files = fn(**kwargs)
     width = max(len(k) for k in files)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in files.items()))

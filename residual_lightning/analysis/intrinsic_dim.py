@@ -20,7 +20,6 @@ Letters: N points, D ambient dimension, r numerical rank, K principal components
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from residual_lightning.contributions import parse_unit
+
 __all__ = ["id_profile", "layer_profile", "linear_id", "pca_spectrum", "twonn"]
 
 # Elements of one chunk of the distance matrix (chunk rows x N): 2**24 float32 = 64 MiB. Big
@@ -36,8 +37,6 @@ __all__ = ["id_profile", "layer_profile", "linear_id", "pca_spectrum", "twonn"]
 _CHUNK_ELEMENTS = 2**24
 # Rows of x upcast to float64 at a time when accumulating the covariance: 2**20 elements = 8 MiB.
 _COV_CHUNK_ELEMENTS = 2**20
-
-_UNIT_NAME = re.compile(r"^l(?P<layer>\d+)\.(?:(?P<mlp>mlp)|h(?P<head>\d+))$")
 
 
 def _as_tensor(x: Tensor | np.ndarray) -> Tensor:
@@ -374,12 +373,10 @@ def id_profile(
 
 
 def _parse_unit(name: str) -> tuple[int, str]:
-    if name == "emb":
+    ref = parse_unit(name)
+    if ref.kind == "emb":
         return -1, "emb"
-    match = _UNIT_NAME.match(name)
-    if match is None:
-        raise ValueError(f"unit name {name!r} is not 'emb', 'l{{l}}.mlp' or 'l{{l}}.h{{h}}'")
-    return int(match["layer"]), "mlp" if match["mlp"] else "heads"
+    return ref.layer, "mlp" if ref.kind == "mlp" else "heads"
 
 
 def layer_profile(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -4,15 +4,14 @@
 its PNGs into one folder:
 
 - ``accuracy.png``: zero-shot vs adapted accuracy on the validation and test caches;
-- ``lambda_movement.png``: the units whose lambdas moved most;
+- ``lambda_movement.png``: the units whose lambdas moved most (`lambdas.lambda_movement`);
 - ``id_profile.png``: linear and TwoNN intrinsic dimension of the units against depth;
 - ``lambda_heatmap.png``: every learned lambda (units x components).
 
-"Moved" is measured from the lambdas the adapter started from: ResiDual's default init is
-``1 + N(0, 1)`` (seeded), so the distance to the identity (lambda = 1) mostly reflects the random
-init. The init is rebuilt exactly from the checkpoint's adapter options (method preset, init and
-seed) for the ``ones`` and ``normal`` inits; for the others the distance to 1 is used and the
-report says so. `log_report_to_tensorboard` adds the markdown and the PNGs to a TensorBoard run.
+"Moved" is measured from the lambdas the adapter started from when they can be rebuilt, else from
+the identity, and the report says which (see `residual_lightning.analysis.lambdas`). The figures
+are drawn by `residual_lightning.plots`. `log_report_to_tensorboard` adds the markdown and the PNGs
+to a TensorBoard run.
 
 Letters: N samples, L layers, H heads per layer, K components, D embedding size.
 """
@@ -21,26 +20,21 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
-__all__ = [
-    "datamodule_from_checkpoint",
-    "evaluate_caches",
-    "initial_unit_weights",
-    "lambda_movement",
-    "log_report_to_tensorboard",
-    "unit_contributions",
-    "write_report",
-]
+from residual_lightning.analysis.bank import encode_bank, load_bank
+from residual_lightning.analysis.contributions import unit_contributions
+from residual_lightning.analysis.intrinsic_dim import id_profile, layer_profile
+from residual_lightning.analysis.lambdas import lambda_movement
+from residual_lightning.analysis.textspan import head_descriptions
+from residual_lightning.plots import plot_accuracy, plot_id_profile, plot_lambda_heatmap, plot_lambda_movement
 
-_KIND = {"heads": "head", "mlps": "mlp", "emb": "emb", "output": "output"}
-_COLOURS = {"head": "tab:blue", "mlp": "tab:orange", "emb": "tab:green", "output": "tab:purple"}
+__all__ = ["datamodule_from_checkpoint", "evaluate_caches", "log_report_to_tensorboard", "write_report"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,51 +68,12 @@ def datamodule_from_checkpoint(ckpt_path: str | Path):
     for folder in (ckpt_path.parent, ckpt_path.parent.parent):
         config = folder / "config.yaml"
         if config.is_file():
-            from residual_lightning.analysis.cli import datamodule_from_config
-
-            return datamodule_from_config(config)
+            return ResidualDataModule.from_config(config)
     raise FileNotFoundError(
         f"cannot tell which data {ckpt_path} was trained on: the checkpoint holds no data-module "
         "hyperparameters and no config.yaml sits next to it or in its run folder; pass the fit "
         "config: residual-lightning analyze report --ckpt <ckpt> --config <the fit YAML>"
     )
-
-
-def unit_contributions(
-    cache: Any, max_samples: int | None = None, seed: int = 0, units: Sequence[str] | None = None
-) -> Iterator[tuple[str, Tensor]]:
-    """(name, (n, D) contributions) of every unit of a seeded subsample of a cache, one at a time.
-
-    Only the subsample's compact coordinates are held; each head is expanded (``y @ A^T``) when
-    its turn comes, so memory stays O(n * (L*k + L*D)).
-
-    Args:
-        cache: an `ActivationCache`.
-        max_samples: subsample size (seeded, sorted indices); None uses every sample.
-        seed: seed of the subsample.
-        units: unit names to yield, in this order; None yields emb, the MLPs, then the heads.
-    """
-    n = len(cache)
-    if max_samples is not None and max_samples < n:
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples]
-        batch = cache.batch(np.sort(idx.numpy()))
-    else:
-        batch = cache.batch(slice(0, n))
-    maps = cache.head_maps.float()  # (L, H, D, k)
-    layers, heads = maps.shape[:2]
-    if units is None:
-        units = ["emb", *(f"l{i}.mlp" for i in range(layers))]
-        units += [f"l{i}.h{h}" for i in range(layers) for h in range(heads)]
-    for name in units:
-        if name == "emb":
-            yield name, batch.emb.float()
-            continue
-        layer, _, rest = name.partition(".")
-        layer = int(layer[1:])
-        if rest == "mlp":
-            yield name, batch.mlps[:, layer].float()  # (n, D)
-        else:
-            yield name, batch.heads[:, layer, int(rest[1:])].float() @ maps[layer, int(rest[1:])].T  # (n, D)
 
 
 @torch.no_grad()
@@ -136,8 +91,6 @@ def evaluate_caches(
     Returns:
         ``{part: {"zeroshot": acc, "adapted": acc, "samples": n}}``.
     """
-    from residual_lightning.data.batch import embedding
-
     out = {}
     for part in parts:
         if part not in caches:
@@ -146,200 +99,12 @@ def evaluate_caches(
         for batch in caches[part].iter_batches(batch_size):
             batch = batch.float()
             logits = model(batch)
-            zs = model.logits_from_embedding(embedding(batch, model.head_maps))
+            zs = model.logits_from_embedding(batch.embedding(model.head_maps))
             correct += int((logits.argmax(-1) == batch.label).sum())
             correct_zs += int((zs.argmax(-1) == batch.label).sum())
             n += len(batch)
         out[part] = {"zeroshot": correct_zs / max(n, 1), "adapted": correct / max(n, 1), "samples": n}
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Lambdas
-# --------------------------------------------------------------------------------------------
-
-
-def initial_unit_weights(model: Any) -> dict[str, Tensor] | None:
-    """The adapter's lambdas at initialisation, keyed like ``adapter.unit_weights()``.
-
-    Rebuilt from the method preset and the checkpoint's adapter options, drawing exactly what the
-    adapter drew: ``ones`` and ``normal`` inits of `ResidualAdapter` and `CoarseAdapter`.
-
-    Args:
-        model: a `ResidualModel`.
-
-    Returns:
-        The initial weights, or None when they cannot be rebuilt (``eigen``/``singular`` inits,
-        which depend on the PCA spectra, and the other adapters).
-    """
-    from residual_lightning.adapters import PRESETS, CoarseAdapter, ResidualAdapter, init_lambdas
-    from residual_lightning.model import placeholder_bases
-    from residual_lightning.units import EQUAL_SHARE_EXTRA
-
-    adapter = getattr(model, "adapter", None)
-    options = {**PRESETS.get(model.method, {}), **(model.adapter_options or {})}
-    init, seed = options.get("init", "normal"), int(options.get("seed", 0))
-    if init not in ("ones", "normal"):
-        return None
-    layers, heads, k, dim = model.hparams.shape
-    gen = torch.Generator().manual_seed(seed)
-    if isinstance(adapter, CoarseAdapter):
-        if init == "ones":
-            return {"heads": torch.ones(layers, heads)}
-        return {"heads": (1.0 + torch.randn(layers, heads, generator=gen, dtype=torch.float64)).float()}
-    if not isinstance(adapter, ResidualAdapter):
-        return None
-    d = k - EQUAL_SHARE_EXTRA if model.hparams.convention == "equal_share" else k
-    if hasattr(adapter, "head_select"):
-        d = adapter.head_select.shape[-1]
-    bases = placeholder_bases(layers, heads, k, dim, d)
-    out = {}
-    # Same order and generator as ResidualAdapter.__init__: every kind draws, transformed or not.
-    for prefix, kind, basis in (
-        ("head", "heads", bases.heads),
-        ("mlp", "mlps", bases.mlps),
-        ("emb", "emb", bases.emb),
-    ):
-        lam = init_lambdas(init, basis, bases.n_samples, gen)
-        if hasattr(adapter, f"{prefix}_lambdas"):
-            out[kind] = lam.float()
-    return out
-
-
-def _unit_slices(kind: str, values: Tensor) -> Iterator[tuple[str, Tensor, tuple]]:
-    """(unit name, its entries, index) of one kind of ``unit_weights()``."""
-    if kind == "heads":
-        layers, heads = values.shape[:2]
-        for layer in range(layers):
-            for h in range(heads):
-                yield f"l{layer}.h{h}", values[layer, h].reshape(-1), (layer, h)
-    elif kind == "mlps":
-        for layer in range(values.shape[0]):
-            yield f"l{layer}.mlp", values[layer].reshape(-1), (layer,)
-    else:
-        yield kind, values.reshape(-1), ()
-
-
-def lambda_movement(model: Any) -> tuple[list[dict[str, Any]], bool]:
-    """Per unit, how far its learned lambdas moved, sorted by decreasing movement.
-
-    Args:
-        model: a `ResidualModel`.
-
-    Returns:
-        ``(rows, from_init)``: one dict per unit with keys unit, kind, learned (number of learned
-        lambdas), moved (sum over learned entries of ``|lambda - lambda_init|``, or of
-        ``|lambda - 1|`` when the init cannot be rebuilt), from_identity (sum of ``|lambda - 1|``)
-        and mean_from_identity; `from_init` tells which of the two `moved` is.
-    """
-    adapter = getattr(model, "adapter", None)
-    weights = adapter.unit_weights() if adapter is not None else {}
-    init = initial_unit_weights(model)
-    from_init = init is not None and all(k in init for k in weights)
-    rows = []
-    for kind, values in weights.items():
-        values = values.detach().double().cpu()
-        start = init[kind].double() if from_init else None
-        for name, v, index in _unit_slices(kind, values):
-            learned = torch.isfinite(v)
-            count = int(learned.sum())
-            if not count:
-                continue
-            dist = float((v[learned] - 1.0).abs().sum())
-            moved = float((v[learned] - start[index].reshape(-1)[learned]).abs().sum()) if from_init else dist
-            rows.append(
-                {
-                    "unit": name,
-                    "kind": _KIND.get(kind, kind),
-                    "learned": count,
-                    "moved": moved,
-                    "from_identity": dist,
-                    "mean_from_identity": dist / count,
-                }
-            )
-    rows.sort(key=lambda r: -r["moved"])
-    return rows, from_init
-
-
-# --------------------------------------------------------------------------------------------
-# Figures
-# --------------------------------------------------------------------------------------------
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _plot_accuracy(acc: dict[str, dict[str, float]], method: str, path: Path) -> Path:
-    fig = _figure(5.6, 3.4)
-    ax = fig.subplots()
-    parts = list(acc)
-    x = np.arange(len(parts))
-    width = 0.36
-    for i, (key, label, colour) in enumerate(
-        (("zeroshot", "zero-shot", "tab:gray"), ("adapted", method, "tab:blue"))
-    ):
-        values = [acc[p][key] for p in parts]
-        bars = ax.bar(x + (i - 0.5) * width, values, width, label=label, color=colour)
-        ax.bar_label(bars, [f"{v:.3f}" for v in values], fontsize=8, padding=2)
-    ax.set_xticks(x, [f"{p} ({acc[p]['samples']:,})" for p in parts])
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.1)
-    ax.set_yticks(np.linspace(0, 1, 6))
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", ncols=2)
-    ax.set_title("Accuracy on the cached parts (samples in brackets)", fontsize=10)
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def _plot_movement(rows: list[dict[str, Any]], from_init: bool, path: Path, limit: int = 20) -> Path:
-    from matplotlib.patches import Patch
-
-    shown = rows[:limit][::-1]
-    fig = _figure(6.4, 1.2 + 0.26 * max(len(shown), 3))
-    ax = fig.subplots()
-    ax.barh(
-        [r["unit"] for r in shown],
-        [r["moved"] for r in shown],
-        color=[_COLOURS.get(r["kind"], "k") for r in shown],
-    )
-    ax.set_xlabel(
-        "Σ |λ − λ_init| over learned components" if from_init else "Σ |λ − 1| over learned components"
-    )
-    ax.tick_params(axis="y", labelsize=8)
-    ax.grid(axis="x", alpha=0.3)
-    kinds = list(dict.fromkeys(r["kind"] for r in shown))
-    ax.legend(
-        handles=[Patch(color=_COLOURS.get(k, "k"), label=k) for k in kinds], fontsize=8, loc="lower right"
-    )
-    ax.set_title(f"Units whose λ moved most (top {len(shown)} of {len(rows)})", fontsize=10)
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def _save_lambda_heatmap(weights: dict[str, Tensor], path: Path) -> Path | None:
-    import matplotlib.pyplot as plt
-
-    from residual_lightning.callbacks import lambda_figure
-
-    fig = lambda_figure(weights)
-    if fig is None:
-        return None
-    ax = fig.axes[0]
-    ax.set_ylabel("")  # the kind labels (heads, mlps) already name the row blocks
-    ax.set_title(
-        "Learned λ: one row per unit, one column per principal component (blank: not learned)", fontsize=9
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,9 +162,6 @@ def write_report(
     Returns:
         The path of ``report.md``.
     """
-    from residual_lightning.analysis.intrinsic_dim import id_profile, layer_profile
-    from residual_lightning.analysis.plots import plot_id_profile
-    from residual_lightning.analysis.textspan import encode_bank, head_descriptions, load_bank
     from residual_lightning.model import ResidualModel
 
     started = time.time()
@@ -417,10 +179,10 @@ def write_report(
 
     acc = evaluate_caches(model, dm.caches)
     movement, from_init = lambda_movement(model)
-    figures = {"accuracy": _plot_accuracy(acc, model.method, out / "accuracy.png")}
+    figures = {"accuracy": plot_accuracy(acc, model.method, out / "accuracy.png")}
     if movement:
-        figures["lambda_movement"] = _plot_movement(movement, from_init, out / "lambda_movement.png")
-    heatmap = _save_lambda_heatmap(model.adapter.unit_weights(), out / "lambda_heatmap.png")
+        figures["lambda_movement"] = plot_lambda_movement(movement, from_init, out / "lambda_movement.png")
+    heatmap = plot_lambda_heatmap(model.adapter.unit_weights(), out / "lambda_heatmap.png")
     if heatmap is not None:
         figures["lambda_heatmap"] = heatmap
 

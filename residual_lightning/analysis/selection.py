@@ -39,12 +39,13 @@ C classes, Q keep masks.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from residual_lightning.contributions import UnitLayout
+from residual_lightning.plots import plot_selection_curve  # re-exported: the figure of `selection_curve`
 
 __all__ = [
     "SCORES",
@@ -80,7 +81,7 @@ def _weights(classifier: Tensor | tuple[Tensor, float]) -> Tensor:
 
 
 def _head_names(layers: int, heads: int) -> list[str]:
-    return [f"l{layer}.h{h}" for layer in range(layers) for h in range(heads)]
+    return UnitLayout(layers, heads, 1, 1).head_names
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,84 +415,3 @@ def selection_curve(
                     )
                 )
     return rows
-
-
-# --------------------------------------------------------------------------------------------
-# Plot
-# --------------------------------------------------------------------------------------------
-
-
-def plot_selection_curve(
-    rows: Sequence[dict[str, Any]], path: str | Path, title: str | None = None, dpi: int = 120
-) -> Path:
-    """Test accuracy against the fraction of heads kept: one colour per score, one line style per
-    replacement (solid: zero, dashed: mean), the random band at +-1 std, the full model dashed grey.
-
-    Args:
-        rows: rows of `selection_curve`.
-        path: PNG file to write; parent folders are created.
-        title: figure title.
-        dpi: resolution.
-
-    Returns:
-        The path written.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    rows = list(rows)
-    fig = Figure(figsize=(7.5, 4.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    colours = {
-        "zeroshot": "tab:blue",
-        "text_corr": "tab:orange",
-        "output_corr": "tab:green",
-        "random": "tab:gray",
-    }
-    labels = {
-        "zeroshot": "zero-shot accuracy",
-        "text_corr": "text-subspace corr.",
-        "output_corr": "output corr.",
-        "random": "random (mean ± std)",
-    }
-    styles = {"zero": "-", "mean": "--"}
-    scores = [s for s in dict.fromkeys(r["score"] for r in rows) if s != "full"]
-    for score in scores:
-        for rep, style in styles.items():
-            sel = sorted(
-                (r for r in rows if r["score"] == score and r["replace"] == rep), key=lambda r: r["fraction"]
-            )
-            if not sel:
-                continue
-            x = np.array([r["fraction"] for r in sel])
-            y = np.array([r["test_accuracy"] for r in sel])
-            colour = colours.get(score)
-            ax.plot(x, y, style, marker="o", markersize=3.5, color=colour, lw=1.6)
-            if score == "random":
-                s = np.array([r["std"] for r in sel])
-                ax.fill_between(x, y - s, y + s, color=colour, alpha=0.15, lw=0)
-    full = [r for r in rows if r["score"] == "full"]
-    if full:
-        ax.axhline(full[0]["test_accuracy"], color="k", ls=":", lw=1.2)
-    ax.set_xscale("log")
-    fractions = sorted({r["fraction"] for r in rows if r["score"] != "full"})
-    if fractions:
-        ax.set_xticks(fractions, [f"{100 * f:.3g}%" for f in fractions], fontsize=8)
-        ax.minorticks_off()
-    ax.set_xlabel("heads kept (fraction of all heads, log scale)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    handles = [Line2D([], [], color=colours.get(s, "k"), lw=2, label=labels.get(s, s)) for s in scores]
-    reps = sorted({r["replace"] for r in rows if r["score"] != "full"})
-    handles += [Line2D([], [], color="k", ls=styles[r], label=f"others → {r}") for r in reps if r in styles]
-    if full:
-        handles.append(Line2D([], [], color="k", ls=":", label=f"all heads ({full[0]['test_accuracy']:.3f})"))
-    ax.legend(handles=handles, fontsize=8, loc="lower right", framealpha=0.9)
-    ax.set_title(title or "Head selection: scores on validation, accuracy on test", fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
-    return path

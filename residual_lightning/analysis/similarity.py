@@ -12,18 +12,30 @@ matching of components), and the score is the L2 norm of the taken entries. Two 
 1; since the weights are scale-free (only w_x w_y^T over its diagonal norm enters), explained
 variances and explained-variance ratios give the same score.
 
+`unit_similarity` applies it to the units of a model (or of two models on the same layout) from
+their learned bases, `layer_similarity` averages it over pairs of heads per pair of layers.
+
 Letters: K principal components, D embedding size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["greedy_matching", "similarity_matrix", "spectral_cosine_similarity", "truncate_basis"]
+__all__ = [
+    "greedy_matching",
+    "layer_similarity",
+    "similarity_matrix",
+    "spectral_cosine_similarity",
+    "truncate_basis",
+    "unit_basis",
+    "unit_similarity",
+]
 
 
 def _vector(w: Tensor | np.ndarray, name: str) -> Tensor:
@@ -176,3 +188,89 @@ def similarity_matrix(
                 bases[i][0], bases[j][0], bases[i][1], bases[j][1]
             )
     return out
+
+
+def unit_basis(bases: Any, unit: str, threshold: float = 0.9) -> tuple[Tensor, Tensor]:
+    """A unit's learned PCA components, cut at `threshold` of its explained variance.
+
+    Args:
+        bases: `UnitBases` (e.g. ``ResidualDataModule.bases()``).
+        unit: unit name (``l3.h1``, ``l3.mlp``, ``emb``).
+        threshold: cumulative explained-variance ratio to exceed (see `truncate_basis`).
+
+    Returns:
+        (K, D) components and (K,) explained variances.
+    """
+    b = bases.unit(unit)
+    m = b.mask  # components above the unit's numerical rank
+    return truncate_basis(
+        b.components[m],
+        b.explained_variance[m],
+        threshold,
+        explained_variance_ratio=b.explained_variance_ratio[m],
+    )
+
+
+def unit_similarity(
+    bases: Any, units: Sequence[str], threshold: float = 0.9, bases2: Any = None
+) -> tuple[Tensor, list[int]]:
+    """Spectral cosine similarity of units' cut PCA bases, within one model or across two.
+
+    Args:
+        bases: `UnitBases` of the first model/dataset.
+        units: unit names, the rows (and columns) of the matrix.
+        threshold: cumulative explained variance each basis is cut at (`unit_basis`).
+        bases2: `UnitBases` of a second model/dataset with the same units, or None. With it,
+            entry (i, j) compares unit i of `bases` with unit j of `bases2` (the diagonal: the
+            same unit on both); without, the matrix is symmetric with ones on the diagonal.
+
+    Returns:
+        (n, n) float64 matrix and the number of components kept per unit of `bases`.
+    """
+    cut_a = [unit_basis(bases, u, threshold) for u in units]
+    cut_b = cut_a if bases2 is None else [unit_basis(bases2, u, threshold) for u in units]
+    n = len(units)
+    matrix = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i if bases2 is None else 0, n):
+            s = spectral_cosine_similarity(cut_a[i][0], cut_b[j][0], cut_a[i][1], cut_b[j][1])
+            matrix[i, j] = s
+            if bases2 is None:
+                matrix[j, i] = s
+    return matrix, [int(c[0].shape[0]) for c in cut_a]
+
+
+def layer_similarity(
+    matrix: Tensor, units: Sequence[str], cross: bool = False
+) -> tuple[list[int], Tensor, list[dict[str, Any]]]:
+    """Mean similarity over pairs of heads, per pair of layers.
+
+    Args:
+        matrix: (n, n) similarities of `unit_similarity`.
+        units: its unit names (non-head units are skipped).
+        cross: the matrix compares two models (`bases2`): every pair counts, the diagonal too;
+            within one model a head is not paired with itself.
+
+    Returns:
+        The layers (sorted), their (n_layers, n_layers) float64 mean matrix (NaN where a pair of
+        layers has no head pair) and its rows (layer_a, layer_b, pairs, mean_similarity).
+    """
+    head_idx = [(i, int(u[1:].split(".")[0])) for i, u in enumerate(units) if ".h" in u]
+    layer_ids = sorted({layer for _, layer in head_idx})
+    rows: list[dict[str, Any]] = []
+    means = torch.full((len(layer_ids), len(layer_ids)), float("nan"), dtype=torch.float64)
+    for a, la in enumerate(layer_ids):
+        for b, lb in enumerate(layer_ids):
+            vals = [
+                float(matrix[i, j])
+                for i, li in head_idx
+                if li == la
+                for j, lj in head_idx
+                if lj == lb and (cross or i != j)
+            ]
+            if vals:
+                means[a, b] = sum(vals) / len(vals)
+                rows.append(
+                    {"layer_a": la, "layer_b": lb, "pairs": len(vals), "mean_similarity": means[a, b].item()}
+                )
+    return layer_ids, means, rows

@@ -22,15 +22,15 @@ use it: greedily add the bank atom whose correlations with the current residuals
 have the largest l1 norm (summed |<r_n, b>|), refit all samples on the selected atoms by least
 squares, update the residuals. k = 10 to explain a unit, 64 to ablate it.
 
+`head_descriptions` (TextSpan) and `somp_descriptions` (SOMP) run them on units of a cache and
+return table rows; the description banks are read and embedded by `bank.py`.
+
 Letters: N samples, D embedding size, M descriptions, r principal components kept, k picks.
 """
 
 from __future__ import annotations
 
-import importlib.resources
-import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -38,19 +38,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from residual_lightning.analysis.contributions import unit_contributions
+from residual_lightning.contributions import UnitLayout
 from residual_lightning.spectral import DEFAULT_RANK_RTOL
 
 __all__ = [
-    "encode_bank",
     "head_descriptions",
-    "load_bank",
     "somp",
+    "somp_descriptions",
     "textspan",
     "textspan_spectrum",
     "unit_spectra",
 ]
-
-_UNIT = re.compile(r"^l(?P<layer>\d+)\.(?:(?P<mlp>mlp)|h(?P<head>\d+))$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,87 +234,19 @@ def somp(
 
 
 # --------------------------------------------------------------------------------------------
-# Description banks
-# --------------------------------------------------------------------------------------------
-
-
-def load_bank(
-    path: str | Path | None = None,
-    class_names: Sequence[str] | None = None,
-    template: str = "a photo of a {}.",
-) -> list[str]:
-    """Descriptions of a TextSpan bank, deduplicated in order.
-
-    Args:
-        path: a file with one description per line (``#`` comments and blank lines skipped) or a
-            YAML list (``.yaml``/``.yml``/``.json``); None reads the shipped
-            ``resources/description_bank.txt`` (about 850 generic image descriptions).
-        class_names: when given, one prompt per class is appended (``template.format(name)``),
-            so the dataset's own classes can compete with the generic descriptions.
-        template: the prompt of the appended class names, with one ``{}``.
-
-    Returns:
-        The descriptions.
-    """
-    from residual_lightning.data.templates import _read_list_file
-
-    if path is None:
-        resource = importlib.resources.files("residual_lightning") / "resources" / "description_bank.txt"
-        lines = [line.strip() for line in resource.read_text(encoding="utf-8").splitlines()]
-        entries = [line for line in lines if line and not line.startswith("#")]
-    else:
-        entries = _read_list_file(path, "Description bank")
-    if class_names:
-        entries += [template.format(name) for name in class_names]
-    return list(dict.fromkeys(entries))
-
-
-def encode_bank(
-    backbone: Any,
-    descriptions: Sequence[str],
-    batch_size: int = 256,
-    cache_dir: str | Path | None = None,
-) -> Tensor:
-    """(M, D) L2-normalised text embeddings of the descriptions, cached on disk when asked.
-
-    Args:
-        backbone: a loaded `residual_lightning.units.Backbone`, or a `BackboneSpec` (loaded only
-            when the embeddings are not cached).
-        descriptions: the M descriptions (encoded as they are, no template).
-        batch_size: descriptions per forward pass of the text tower.
-        cache_dir: folder of the cached embeddings (a text-classifier file keyed by the backbone
-            weights and the descriptions); None encodes every time.
-    """
-    from residual_lightning.classifier import load_or_build_classifier, text_classifier
-
-    descriptions = list(descriptions)
-    if not descriptions:
-        raise ValueError("the description bank is empty")
-    # A one-template "classifier" of the descriptions is exactly their normalised embeddings.
-    if cache_dir is not None:  # cached (verified, atomic) like every text classifier
-        return load_or_build_classifier(backbone, descriptions, ["{}"], cache_dir)[0].float()
-    loaded = backbone if hasattr(backbone, "model") else backbone.load()
-    emb = text_classifier(loaded.model, loaded.tokenizer, descriptions, ["{}"], batch_size=batch_size)
-    return emb.cpu().float()
-
-
-# --------------------------------------------------------------------------------------------
 # Units of a cache
 # --------------------------------------------------------------------------------------------
 
 
 def _parse_unit(name: str, layers: int, heads: int) -> tuple[str, int, int]:
     """(kind, layer, head) of a unit name; kind is "emb", "mlp" or "head"."""
-    if name == "emb":
-        return "emb", -1, -1
-    match = _UNIT.match(name)
-    if match is None:
-        raise ValueError(f"unit name {name!r} is not 'emb', 'l<l>.mlp' or 'l<l>.h<h>'")
-    layer = int(match["layer"])
-    head = -1 if match["mlp"] else int(match["head"])
-    if layer >= layers or head >= heads:
-        raise ValueError(f"unit {name!r} does not exist in a model with L={layers}, H={heads}")
-    return ("mlp" if match["mlp"] else "head"), layer, head
+    try:
+        ref = UnitLayout(layers, heads, 1, 1).parse(name)
+    except ValueError as err:
+        raise ValueError(
+            f"unit {name!r} does not exist in a model with L={layers}, H={heads}: {err}"
+        ) from None
+    return ref.kind, -1 if ref.layer is None else ref.layer, -1 if ref.head is None else ref.head
 
 
 @torch.no_grad()
@@ -342,7 +273,7 @@ def unit_spectra(
     maps = cache.head_maps.double()  # (L, H, D, k)
     layers, heads, dim, _ = maps.shape
     if units is None:
-        units = [f"l{layer}.h{h}" for layer in range(layers) for h in range(heads)]
+        units = UnitLayout(layers, heads, 1, 1).head_names
     parsed = {name: _parse_unit(name, layers, heads) for name in units}
     n_max = len(cache) if max_samples is None else min(len(cache), int(max_samples))
     if n_max < 2:
@@ -435,4 +366,49 @@ def head_descriptions(
                     "cumulative": cumulative,
                 }
             )
+    return rows
+
+
+def somp_descriptions(
+    cache: Any,
+    bank: Tensor,
+    descriptions: Sequence[str],
+    k: int = 10,
+    units: Sequence[str] | None = None,
+    max_samples: int | None = 5000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """SOMP descriptions of units of a cache, as table rows like `head_descriptions`.
+
+    SOMP works on the samples themselves, so it reads a seeded subsample of the cache
+    (`unit_contributions`) instead of streamed moments.
+
+    Args:
+        cache: an `ActivationCache`.
+        bank: (M, D) text embeddings of `descriptions` (`encode_bank`).
+        descriptions: the M descriptions, in the bank's order.
+        k: descriptions per unit.
+        units: unit names; None means emb, the MLPs, then the heads.
+        max_samples: samples of the subsample; None uses all.
+        seed: seed of the subsample.
+
+    Returns:
+        One dict per pick with keys unit, rank (1-based), index, description, share (what this
+        pick added) and cumulative (fraction of the unit's variance explained so far).
+    """
+    rows: list[dict[str, Any]] = []
+    for unit, x in unit_contributions(cache, max_samples, seed, units=units):
+        previous = 0.0
+        for r, (index, explained) in enumerate(somp(x, bank, k=k)):
+            rows.append(
+                {
+                    "unit": unit,
+                    "rank": r + 1,
+                    "index": index,
+                    "description": descriptions[index],
+                    "share": explained - previous,
+                    "cumulative": explained,
+                }
+            )
+            previous = explained
     return rows

@@ -25,13 +25,11 @@ checksums do not match, or any of whose files is unreadable, is never used silen
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -40,7 +38,8 @@ import torch
 from filelock import FileLock
 from torch import Tensor
 
-from residual_lightning.data.batch import CachedBatch
+from residual_lightning.contributions import Contributions, UnitLayout
+from residual_lightning.data.keys import CacheKey
 from residual_lightning.data.writer import (
     ARRAYS,
     CacheWriter,
@@ -50,54 +49,12 @@ from residual_lightning.data.writer import (
     open_array,
     read_meta,
 )
-from residual_lightning.files import FORMAT_VERSIONS, CacheError, check_format, file_sha256
-from residual_lightning.units import CompactContributions
+from residual_lightning.files import CacheError, check_format, file_sha256
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = FORMAT_VERSIONS["cache"]
 CacheDtype = Literal["float16", "float32"]
 OnMismatch = Literal["error", "rebuild"]
-
-
-@dataclass(frozen=True)
-class CacheKey:
-    """Everything that determines a cache's contents.
-
-    Attributes:
-        model_name: open_clip architecture.
-        weights_id: pretrained tag, ``file-<sha256>`` of a local checkpoint, or ``random``.
-        dataset: registry name.
-        part: ``train``, ``val``, ``test`` or ``reference``.
-        selection: how the samples were chosen (split seed, fractions, shots, subset size).
-        preprocessing: description of the image transform.
-        convention: decomposition convention.
-        dtype: storage dtype.
-        format_version: cache format version.
-        data: digest of the part's data: every sample's file path relative to the data root, size
-            and label (or the file contents with ``hash_contents``); array datasets: their values.
-    """
-
-    model_name: str
-    weights_id: str
-    dataset: str
-    part: str
-    selection: str
-    preprocessing: str
-    convention: str
-    dtype: str = "float16"
-    format_version: int = FORMAT_VERSION
-    data: str = ""
-
-    def digest(self) -> str:
-        """A stable 16-hex-digit identifier of this key."""
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-    def folder_name(self) -> str:
-        """Human-readable folder name: ``<dataset>-<part>-<model>-<digest>``."""
-        model = self.model_name.replace("/", "_").replace(":", "_")
-        return f"{self.dataset}-{self.part}-{model}-{self.digest()}"
 
 
 class ActivationCache:
@@ -186,49 +143,59 @@ class ActivationCache:
         """(N,) labels (memory-mapped)."""
         return self.arrays["labels"]
 
-    def batch(self, indices: np.ndarray | list[int] | slice) -> CachedBatch:
-        """Read a batch (float32 tensors). Sorted indices read fastest."""
+    @property
+    def layout(self) -> UnitLayout:
+        """The layout of the cached units (shape and convention from meta.json)."""
+        shape = self.meta["shape"]
+        dims = (shape["layers"], shape["heads"], shape["k"], shape["output_dim"])
+        return UnitLayout.from_shape(dims, self.meta["key"]["convention"])
+
+    def batch(self, indices: np.ndarray | list[int] | slice) -> Contributions:
+        """Read a batch (float32 tensors, with labels; the head maps stay with the cache).
+
+        Sorted indices read fastest.
+        """
         if not isinstance(indices, slice):
             indices = np.asarray(indices)
         parts = {name: torch.from_numpy(np.array(self.arrays[name][indices])) for name in ARRAYS}
-        return CachedBatch(
+        return Contributions(
             heads=parts["heads"].float(),
             mlps=parts["mlps"].float(),
             emb=parts["emb"].float(),
             label=parts["labels"],
         )
 
-    def iter_batches(self, batch_size: int = 4096) -> Iterable[CachedBatch]:
+    def iter_batches(self, batch_size: int = 4096) -> Iterable[Contributions]:
         """Sequential batches over the whole cache (for PCA and analyses)."""
         for start in range(0, len(self), batch_size):
             yield self.batch(slice(start, min(start + batch_size, len(self))))
 
 
 def write_cache(
-    path: str | Path, key: CacheKey, compact: CompactContributions, labels: Tensor, chunk_size: int = 4096
+    path: str | Path,
+    key: CacheKey,
+    compact: Contributions,
+    labels: Tensor | None = None,
+    chunk_size: int = 4096,
 ) -> ActivationCache:
     """Write in-memory contributions as a complete, checksummed cache (synthetic data, tests, imports).
 
     Args:
         path: the cache folder.
         key: its key (``key.dtype`` is the storage dtype).
-        compact: contributions of all N samples.
-        labels: (N,) labels.
+        compact: contributions of all N samples, with their head maps and unit names.
+        labels: (N,) labels (default: ``compact.label``).
         chunk_size: samples per chunk.
     """
+    labels = compact.label if labels is None else labels
+    if labels is None:
+        raise ValueError("write_cache needs labels: pass labels= or contributions with a label")
     n, layers, heads, k = compact.heads.shape
     shape = (layers, heads, k, compact.mlps.shape[-1])
     writer = CacheWriter(path, key, n, shape, compact.names, compact.head_maps, chunk_size=chunk_size)
     for chunk in writer.pending_chunks():
         start, stop = writer.chunk_range(chunk)
-        part = CompactContributions(
-            compact.heads[start:stop],
-            compact.mlps[start:stop],
-            compact.emb[start:stop],
-            compact.head_maps,
-            compact.names,
-        )
-        writer.write(np.arange(start, stop), part, labels[start:stop])
+        writer.write(np.arange(start, stop), compact[start:stop], labels[start:stop])
         writer.commit_chunk(chunk)
     writer.finalize()
     return ActivationCache.open(path, key, verify=False)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from residual_lightning.data.readers import _LAYOUTS, _missing_error, _Source
+from residual_lightning.data.layouts import _LAYOUTS, _missing_error
+from residual_lightning.data.readers import _Source
 from residual_lightning.data.templates import clean_class_name
 
 _PATH_COLUMNS = ("path", "image", "image_path", "filepath", "file", "filename")

@@ -1,116 +1,52 @@
-"""`ResidualDataModule`: dataset parts -> verified activation caches -> batches of `CachedBatch`.
+"""`ResidualDataModule`: dataset parts -> verified activation caches -> batches of `Contributions`.
 
 `prepare_data` (one process) builds whatever cache is missing and the text classifier; `setup`
 (every process) opens the caches and the PCA bases. Loaders read the memory-mapped caches in
 batches; the order of training batches is a function of (seed, epoch) only, and validation/test
 shards never repeat a sample across ranks.
+
+The class composes the data layer: parts (`parts`, `registry`), cache keys (`keys`, `identity`),
+caches built by `extract`, batches from `loaders`, PCA bases from `bases`, the text classifier from
+`residual_lightning.classifier`, what ``predict`` reads from `predict`, and option checks and
+``from_config`` from `options`. `EpochBatchSampler`, `CacheBatches` and `build_caches` are
+re-exported from here, where code written before this split imports them.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 from jsonargparse.typing import PositiveInt
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from residual_lightning.contributions import UnitLayout
+from residual_lightning.data.bases import load_or_fit_bases
 from residual_lightning.data.cache import ActivationCache, CacheError, CacheKey, open_or_none
-from residual_lightning.data.extract import ExtractionJob, IndexedDataset, build_cache
+from residual_lightning.data.extract import ExtractionJob, build_cache, build_caches
 from residual_lightning.data.identity import part_digest
-from residual_lightning.data.registry import get_dataset_spec, load_split_datasets
-from residual_lightning.spectral import UnitBases, fit_unit_bases
+from residual_lightning.data.loaders import CacheBatches, EpochBatchSampler, cache_loader, image_loader
+from residual_lightning.data.options import data_module_from_configs, positive_ints
+from residual_lightning.data.parts import autocast_dtype, load_parts, preprocessing_name, selection
+from residual_lightning.data.predict import predict_dataset, predict_files, predict_loader, sample_names
+from residual_lightning.data.registry import get_dataset_spec
+from residual_lightning.spectral import UnitBases
 from residual_lightning.units import BackboneSpec, layout_from_config
 
 PARTS = ("train", "val", "test")
 DEFAULT_CACHE_DIR = os.environ.get("RESIDUAL_LIGHTNING_CACHE", ".cache/residual-lightning")
-
-
-class EpochBatchSampler(Sampler[list[int]]):
-    """Batches of indices: a permutation that depends only on (seed, epoch), sharded by rank.
-
-    Training shards have equal sizes on every rank (the remainder is dropped, as DDP needs);
-    evaluation shards (``shuffle=False, drop_last=False``) cover every sample exactly once.
-
-    Args:
-        n: number of samples.
-        batch_size: per-rank batch size.
-        shuffle: permute every epoch.
-        seed: base seed of the permutation.
-        rank: this rank.
-        world: number of ranks.
-        drop_last: drop the last incomplete batch.
-    """
-
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        shuffle: bool,
-        seed: int = 0,
-        rank: int = 0,
-        world: int = 1,
-        drop_last: bool = False,
-    ) -> None:
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.rank, self.world, self.drop_last = rank, world, drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of every epoch."""
-        self.epoch = epoch
-
-    def _indices(self) -> np.ndarray:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).numpy()
-        else:
-            order = np.arange(self.n)
-        if self.shuffle and self.world > 1:
-            per_rank = self.n // self.world
-            return order[self.rank * per_rank : (self.rank + 1) * per_rank]
-        return order[self.rank :: self.world]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        idx = self._indices()
-        for start in range(0, len(idx), self.batch_size):
-            batch = idx[start : start + self.batch_size]
-            if self.drop_last and len(batch) < self.batch_size:
-                return
-            yield np.sort(batch).tolist() if not self.shuffle else batch.tolist()
-
-    def __len__(self) -> int:
-        m = len(self._indices())
-        return m // self.batch_size if self.drop_last else -(-m // self.batch_size)
-
-
-class CacheBatches(Dataset):
-    """Map-style dataset whose items are whole batches: ``dataset[list_of_indices] -> CachedBatch``."""
-
-    def __init__(self, cache: ActivationCache) -> None:
-        self.cache = cache
-
-    def __len__(self) -> int:
-        return len(self.cache)
-
-    def __getitem__(self, indices: list[int]):
-        order = np.argsort(indices)
-        batch = self.cache.batch(np.asarray(indices)[order])  # sorted reads are faster on a memmap
-        inverse = torch.from_numpy(np.argsort(order))
-        return type(batch)(
-            batch.heads[inverse], batch.mlps[inverse], batch.emb[inverse], batch.label[inverse]
-        )
-
-
-def _identity(x):
-    return x
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "PARTS",
+    "CacheBatches",
+    "EpochBatchSampler",
+    "ResidualDataModule",
+    "build_caches",
+]
 
 
 class ResidualDataModule(L.LightningDataModule):
@@ -183,7 +119,7 @@ class ResidualDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         # Plain ints (jsonargparse's PositiveInt values are a subclass); checked for direct calls too.
-        chunk_size, extract_batch_size, batch_size, eval_batch_size = _positive_ints(
+        chunk_size, extract_batch_size, batch_size, eval_batch_size = positive_ints(
             chunk_size=chunk_size,
             extract_batch_size=extract_batch_size,
             batch_size=batch_size,
@@ -237,27 +173,19 @@ class ResidualDataModule(L.LightningDataModule):
         return list(self._templates)
 
     @property
-    def shape(self) -> tuple[int, int, int, int]:
-        """``(L, H, k, D)`` of the cached units, from the backbone's config (no weights needed)."""
+    def layout(self) -> UnitLayout:
+        """The layout of the cached units, from the backbone's config (no weights needed)."""
         return layout_from_config(self.backbone.model_name, self.convention)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(L, H, k, D)`` of the cached units (what the model and its checkpoints record)."""
+        return self.layout.shape
 
     @property
     def num_classes(self) -> int:
         """C."""
         return len(self.class_names)
-
-    def _selection(self, part: str) -> str:
-        return json.dumps(
-            {
-                "part": part,
-                "seed": self.split_seed,
-                "fractions": self.fractions,
-                "shots": self.shots if part == "train" else None,
-                "reference_size": self.reference_size if part == "reference" else None,
-                "options": self.dataset_options,
-            },
-            sort_keys=True,
-        )
 
     def key(self, part: str, preprocessing: str) -> CacheKey:
         """The cache key of a part (``train``, ``val``, ``test`` or ``reference``)."""
@@ -267,7 +195,9 @@ class ResidualDataModule(L.LightningDataModule):
             weights_id=self.backbone.weights_id,
             dataset=dataset,
             part=part,
-            selection=self._selection(part),
+            selection=selection(
+                part, self.split_seed, self.fractions, self.shots, self.reference_size, self.dataset_options
+            ),
             preprocessing=preprocessing,
             convention=self.convention,
             dtype=self.cache_dtype,
@@ -306,46 +236,32 @@ class ResidualDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------- building
 
     def _load_parts(self, transform) -> dict[str, Dataset]:
-        opts = dict(self.dataset_options)
-        image_size = opts.pop("image_size", 224)
-        parts = load_split_datasets(
+        parts = load_parts(
             self.dataset,
             self.root,
             transform,
-            seed=self.split_seed,
-            fractions=self.fractions,
-            shots=self.shots,
-            download=self.download,
-            image_size=image_size,
-            **opts,
+            self.dataset_options,
+            self.split_seed,
+            self.fractions,
+            self.shots,
+            self.download,
+            self.reference_root if self.reference == "imagenet" else None,
+            self.reference_size,
         )
         self._class_names = list(parts["train"].class_names)
         self._templates = list(parts["train"].templates)
-        if self.reference == "imagenet":
-            ref = load_split_datasets("imagenet", self.reference_root, transform, seed=self.split_seed)[
-                "train"
-            ]
-            parts["reference"] = _stratified_subset(ref, self.reference_size, self.split_seed)
         return parts
 
     def preprocessing(self) -> str:
-        """What determines the images fed to the backbone besides its name and weights.
-
-        Images go through open_clip's own eval transform of the backbone (no augmentation, so the
-        cached contributions are exact for training), so the open_clip version pins it; a cache
-        extracted under mixed precision records it too.
-        """
-        import open_clip
-
-        amp = self.amp_dtype()
-        return f"open_clip-eval-{open_clip.__version__}" + (
-            f"|autocast-{amp}".replace("torch.", "") if amp else ""
-        )
+        """What determines the images fed to the backbone besides its name and weights
+        (`residual_lightning.data.parts.preprocessing_name`: the open_clip version, the autocast dtype)."""
+        return preprocessing_name(self.amp_dtype())
 
     def amp_dtype(self) -> torch.dtype | None:
         """Autocast dtype of extraction, from the trainer's precision (``bf16-mixed``, ``16-mixed``)."""
-        precision = str(getattr(self.trainer, "precision", "32")) if self.trainer is not None else "32"
-        return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+        return autocast_dtype(
+            str(getattr(self.trainer, "precision", "32")) if self.trainer is not None else "32"
+        )
 
     def cache_paths(self) -> dict[str, Path]:
         """Folder of each part's cache."""
@@ -460,33 +376,19 @@ class ResidualDataModule(L.LightningDataModule):
         With several ranks each fits its share of the batches and the moments are summed
         across ranks, so the result equals a single-process fit.
         """
-        if self._bases is not None:  # the model and the plots callback both ask for them
-            return self._bases
-        path, key = self.bases_path(), asdict(self._reference_key())
-        rank, world = self._rank_world()
-        loaded = False
-        if _rank0_says(path.exists(), world):  # every rank takes rank 0's branch (all_reduce below)
-            try:
-                self._bases = UnitBases.load(path, key=key)
-                loaded = True
-            except CacheError as err:
-                if self.on_mismatch != "rebuild":
-                    raise CacheError(f"{err}; delete it or pass --data.on_mismatch rebuild") from err
-                warnings.warn(f"{err}; refitting the PCA bases", stacklevel=2)
-        if _rank0_says(loaded, world):
-            return self._bases
-        ref = self.reference_cache()
-        shard = (b for i, b in enumerate(ref.iter_batches(2048)) if i % world == rank)
-        bases = fit_unit_bases(
-            shard,
-            ref.head_maps,
-            convention=self.convention,
-            metadata={"reference": self.reference, "dataset": key["dataset"], "samples": len(ref)},
-        )
-        if rank == 0:
-            bases.save(path, key=key)  # atomic, checksummed
-        self._bases = bases
-        return bases
+        if self._bases is None:  # the model and the plots callback both ask for them
+            rank, world = self._rank_world()
+            self._bases = load_or_fit_bases(
+                self.bases_path(),
+                asdict(self._reference_key()),
+                self.reference_cache,
+                self.convention,
+                self.reference,
+                self.on_mismatch,
+                rank,
+                world,
+            )
+        return self._bases
 
     def _reference_key(self) -> CacheKey:
         return self.key("reference" if self.reference == "imagenet" else "train", self.preprocessing())
@@ -506,28 +408,12 @@ class ResidualDataModule(L.LightningDataModule):
 
     def _loader(self, part: str, train: bool) -> DataLoader:
         rank, world = self._rank_world()
-        if self.mode == "images":
-            data = self.images[part]
-            size = max(1, self.batch_size // world) if train else self.extract_batch_size
-            sampler = EpochBatchSampler(len(data), size, train, self.seed, rank, world)
-            return DataLoader(
-                data, batch_sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory
-            )
-        cache = self.caches[part]
-        if train:
-            per_device = max(1, self.batch_size // world)
-            sampler = EpochBatchSampler(len(cache), per_device, True, self.seed, rank, world, drop_last=False)
+        if self.mode == "images":  # evaluated in batches of extract_batch_size, as in extraction
+            make, data, eval_size = image_loader, self.images[part], self.extract_batch_size
         else:
-            sampler = EpochBatchSampler(len(cache), self.eval_batch_size, False, 0, rank, world)
-        return DataLoader(
-            CacheBatches(cache),
-            sampler=sampler,
-            batch_size=None,
-            collate_fn=_identity,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+            make, data, eval_size = cache_loader, self.caches[part], self.eval_batch_size
+        sizes = (self.batch_size, eval_size, self.seed)
+        return make(data, train, *sizes, rank, world, self.num_workers, self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches of the train cache (order = f(seed, epoch))."""
@@ -546,93 +432,42 @@ class ResidualDataModule(L.LightningDataModule):
 
         Each rank gets a disjoint share; the dataset's ``names`` give each index its file name.
         """
-        from residual_lightning.data.images import IMAGE_EXTENSIONS, ImageListDataset
-
         transform = self.loaded_backbone().transform
         if self.predict_path is not None:
-            root = Path(self.predict_path)
-            if root.is_file():
-                files = [root]
-            elif root.is_dir():
-                files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-            else:
-                raise FileNotFoundError(f"predict_path {root} does not exist")
-            if not files:
-                raise FileNotFoundError(
-                    f"no images ({', '.join(IMAGE_EXTENSIONS)}) under predict_path {root}"
-                )
-            data = ImageListDataset(
-                files,
-                [-1] * len(files),
-                self.class_names,
-                self.templates,
-                transform,
-                on_bad_image=self.predict_on_bad_image,
-                name="predict_path",
+            files = predict_files(self.predict_path)
+            data = predict_dataset(
+                files, self.class_names, self.templates, transform, self.predict_on_bad_image
             )
             self.predict_skipped = list(data.skipped_files)
             names = list(data.paths)
         else:
             data = self._load_parts(transform)["test"]
-            paths = getattr(getattr(data, "dataset", None), "paths", None)
-            idx = getattr(data, "indices", range(len(data)))
-            names = [paths[i] for i in idx] if paths is not None else [f"test[{i}]" for i in range(len(data))]
+            names = sample_names(data)
         self.predict_names = names
         rank, world = self._rank_world()
-        mine = list(range(rank, len(data), world))  # a disjoint share per rank, nothing repeated
-        return DataLoader(
-            IndexedDataset(data),
-            batch_size=self.extract_batch_size,
-            sampler=mine,
-            num_workers=self.num_workers,
-        )
+        return predict_loader(data, self.extract_batch_size, rank, world, self.num_workers)
 
+    @classmethod
+    def from_config(
+        cls, config: str | Path | list[str | Path] | None = None, **overrides: Any
+    ) -> ResidualDataModule:
+        """Build the data module of one or more `residual-lightning fit` configs.
 
-def build_caches(datamodule: ResidualDataModule) -> dict[str, ActivationCache]:
-    """Build (or resume, or just verify) every cache of a data module in this process, and open them.
+        Only each YAML's ``data:`` section is read (its ``init_args`` when written with a
+        class_path); later files override earlier ones, `overrides` override them all, and
+        jsonargparse checks the result against this class's signature, as ``fit`` does.
 
-    The programmatic twin of ``residual-lightning extract`` (which also shards across devices).
+        Args:
+            config: fit YAML file(s); None builds from `overrides` and the defaults.
+            **overrides: data options (``cache_dir="/tmp/c"``; nested ones dotted, as on the
+                command line: ``**{"backbone.model_name": "ViT-B-32"}``). Strings are parsed as
+                a command-line value would be.
 
-    Args:
-        datamodule: the data module whose caches to build.
+        Returns:
+            The data module (not yet prepared nor set up).
 
-    Returns:
-        The opened caches by part (``train``, ``val``, ``test``, and ``reference`` if any).
-    """
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    return datamodule.caches
-
-
-def _positive_ints(**values: int) -> tuple[int, ...]:
-    """The values as plain ints; a clear error naming the setting for one that is not positive."""
-    out = []
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
-        out.append(int(value))
-    return tuple(out)
-
-
-def _rank0_says(flag: bool, world: int) -> bool:
-    """Rank 0's value of `flag`, broadcast to every rank."""
-    decision = [flag]
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(decision, src=0)
-    return decision[0]
-
-
-def _stratified_subset(dataset, size: int, seed: int):
-    """A class-stratified, seeded subset of `size` samples (all of them if smaller)."""
-    from torch.utils.data import Subset
-
-    from residual_lightning.data.splits import stratified_split
-
-    targets = np.asarray(dataset.targets)
-    if size >= len(targets):
-        return dataset
-    keep, _ = stratified_split(targets, [size / len(targets), 1 - size / len(targets)], seed=seed)
-    sub = Subset(dataset, keep)
-    sub.targets = targets[keep]
-    sub.class_names = getattr(dataset, "class_names", None)
-    return sub
+        Raises:
+            FileNotFoundError: a config file does not exist.
+            ValueError: a config has no ``data:`` section.
+        """
+        return data_module_from_configs(cls, config, overrides)

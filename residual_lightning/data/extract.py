@@ -1,6 +1,7 @@
 """Extraction: run the frozen backbone once over a dataset part and write its activation cache.
 
-`build_cache` does it in one process (resumable, locked, with a progress bar). `Extractor` is a
+`build_cache` does it in one process (resumable, locked, with a progress bar); `build_caches` does
+it for every part of a data module (what its `prepare_data` does). `Extractor` is a
 LightningModule whose `predict` pass builds several caches at once, sharded across the ranks of any
 Lightning strategy (DDP): each rank writes its own chunks, rank 0 marks the caches complete.
 """
@@ -140,6 +141,22 @@ def build_cache(
                 bar.update(len(indices))
         writer.finalize()
     return ActivationCache.open(job.path, job.key, verify=False)
+
+
+def build_caches(datamodule: L.LightningDataModule) -> dict[str, ActivationCache]:
+    """Build (or resume, or just verify) every cache of a data module in this process, and open them.
+
+    The programmatic twin of ``residual-lightning extract`` (which also shards across devices).
+
+    Args:
+        datamodule: the `ResidualDataModule` whose caches to build.
+
+    Returns:
+        The opened caches by part (``train``, ``val``, ``test``, and ``reference`` if any).
+    """
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule.caches
 
 
 class Extractor(L.LightningModule):

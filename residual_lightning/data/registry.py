@@ -64,9 +64,8 @@ from residual_lightning.data.images import (
     _TargetSubset,
     open_rgb,
 )
+from residual_lightning.data.layouts import _DOWNLOADERS, _LAYOUTS
 from residual_lightning.data.readers import (
-    _DOWNLOADERS,
-    _LAYOUTS,
     _read_cifar10,
     _read_cifar100,
     _read_digits,

@@ -31,6 +31,7 @@ __all__ = [
     "load_class_names",
     "load_class_names_file",
     "load_templates_file",
+    "read_list_file",
     "sun397_class_name",
 ]
 
@@ -357,10 +358,18 @@ def sun397_class_name(category: str) -> str:
     return clean_class_name(" ".join(parts))
 
 
-def _read_list_file(path: str | Path, what: str) -> list[str]:
+def read_list_file(path: str | Path, what: str) -> list[str]:
     """Entries of a YAML list (``.yaml``/``.yml``/``.json``) or a plain text file (one per line).
 
     Plain-text lines are stripped; empty lines and lines starting with ``#`` are ignored.
+
+    Args:
+        path: the file.
+        what: what the file holds, for error messages (``"Templates"``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is empty, not valid YAML, or not a YAML list of strings.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -401,7 +410,7 @@ def load_templates_file(path: str | Path) -> list[str]:
         FileNotFoundError: the file does not exist.
         ValueError: the file is empty, or a template lacks (or repeats) the ``{}`` placeholder.
     """
-    templates = _read_list_file(path, "Templates")
+    templates = read_list_file(path, "Templates")
     for i, t in enumerate(templates):
         if t.count("{}") != 1:
             raise ValueError(
@@ -430,4 +439,4 @@ def load_class_names_file(path: str | Path) -> list[str]:
         FileNotFoundError: the file does not exist.
         ValueError: the file is empty.
     """
-    return _read_list_file(path, "Class-names")
+    return read_list_file(path, "Class-names")

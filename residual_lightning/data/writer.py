@@ -14,13 +14,15 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
+from residual_lightning.contributions import Contributions
+from residual_lightning.data.keys import CacheKey
 from residual_lightning.files import (
     CacheError,
     atomic_write_bytes,
@@ -30,10 +32,6 @@ from residual_lightning.files import (
     read_json,
     reserve,
 )
-from residual_lightning.units import CompactContributions
-
-if TYPE_CHECKING:
-    from residual_lightning.data.cache import CacheKey
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +256,7 @@ class CacheWriter:
         """Chunks not recorded as written (none once the cache is complete)."""
         return [] if self.finished else [c for c in range(self.num_chunks) if c not in self.done]
 
-    def write(self, indices: np.ndarray, compact: CompactContributions, labels: Tensor) -> None:
+    def write(self, indices: np.ndarray, compact: Contributions, labels: Tensor) -> None:
         """Write a batch of contributions at the given sample indices (sorted or not)."""
         if self.finished:
             return

@@ -1,41 +1,75 @@
-"""The reproduction grid at its smallest: tiny random ViT x digits, zero-shot and ResiDual, 2 seeds."""
+"""`residual-lightning grid`: the reproduction grid at its smallest (tiny random ViT x digits,
+zero-shot and ResiDual, 2 seeds), its options, and the deprecated `benchmarks/paper_grid.py` shim."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import re
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import residual_lightning
+from residual_lightning import cli, grid, grid_report
 from residual_lightning.units import layout_from_config
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_grid.py"
-
-
-def load_grid():
-    """benchmarks/ is not a package: import the script as the module `paper_grid`."""
-    if "paper_grid" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("paper_grid", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["paper_grid"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["paper_grid"]
+SHIM = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_grid.py"
 
 
 def test_mean_std_format():
-    grid = load_grid()
-    assert grid.mean_std([0.5, 0.7]) == "60.0 ± 14.1"  # sample std: 0.1414
-    assert grid.mean_std([0.5]) == "50.0"
-    assert grid.mean_std([]) == "—"
+    assert grid_report.mean_std([0.5, 0.7]) == "60.0 ± 14.1"  # sample std: 0.1414
+    assert grid_report.mean_std([0.5]) == "50.0"
+    assert grid_report.mean_std([]) == "—"
+
+
+def test_cli_grid_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["grid", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: residual-lightning grid")
+    assert "--configs" in out and "--preset {offline,paper}" in out and "results.csv" in out
+
+
+def test_paper_grid_shim_is_deprecated(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SHIM), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "benchmarks/paper_grid.py is deprecated and will be removed in the next release: "
+        "use `residual-lightning grid ...`"
+    ) in proc.stderr
+    assert proc.stdout.startswith("usage: residual-lightning grid")
+
+
+def test_configs_folder(tmp_path, capsys):
+    # The tests run in a scratch folder without configs/: the source checkout's are found.
+    checkout = Path(residual_lightning.__file__).resolve().parents[1] / "configs"
+    assert grid.find_configs() == checkout
+    assert grid.parse_args([]).configs == checkout
+    # ./configs wins over the checkout's, and --configs over both.
+    local = tmp_path / "configs" / "methods"
+    local.mkdir(parents=True)
+    (local / "mine.yaml").write_text("model:\n  method: residual\n")
+    assert grid.find_configs() == tmp_path / "configs"
+    assert grid.method_name("mine", grid.find_configs()) == "residual"
+    assert grid.parse_args(["--configs", str(checkout)]).configs == checkout
+    with pytest.raises(FileNotFoundError, match="no methods config 'mine'"):
+        grid.method_name("mine", checkout)
+    # A missing folder: a usage error that names where the grid looked.
+    missing = tmp_path / "nowhere"
+    with pytest.raises(SystemExit) as exc:
+        grid.parse_args(["--configs", str(missing)])
+    assert exc.value.code == 2
+    assert f"no configs folder (looked in {missing})" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_offline_grid(tmp_path):
-    grid = load_grid()
     out, cache = tmp_path / "out", str(tmp_path / "cache")
     argv = [
         "--out", str(out), "--cache_dir", cache,
@@ -55,7 +89,7 @@ def test_offline_grid(tmp_path):
     ]
     assert all(r["status"] == "ok" and r["backbone"] == "tiny" and r["dataset"] == "digits" for r in rows)
     zs, res = rows[0], rows[1:]
-    layers, heads, d, dim = layout_from_config("RL-Tiny-ViT-64")
+    layers, heads, d, dim = layout_from_config("RL-Tiny-ViT-64").shape
     assert int(zs["learned_params"]) == 0 and zs["best_checkpoint"] == ""
     for r in res:
         assert int(r["learned_params"]) == layers * heads * d + layers * dim  # every head and MLP component

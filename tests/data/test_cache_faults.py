@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save as safetensors_bytes
-from test_cache import arrays_bytes, make_job
 
+from residual_lightning.contributions import Contributions
 from residual_lightning.data.cache import ActivationCache, CacheError, CacheKey, CacheWriter, write_cache
 from residual_lightning.data.extract import ExtractionJob, Extractor, build_cache
 from residual_lightning.files import NoSpaceError
-from residual_lightning.units import CompactContributions
+from tests.helpers import arrays_bytes, make_job
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 N, CHUNK = 40, 16  # 3 chunks: 16 + 16 + 8
 
 
@@ -178,9 +178,9 @@ def test_a_partial_cache_restarts_when_the_chunk_size_changed(reference, tmp_pat
     assert_same_as_reference(job, reference)
 
 
-def synthetic(n: int, seed: int = 0) -> tuple[CompactContributions, torch.Tensor]:
+def synthetic(n: int, seed: int = 0) -> tuple[Contributions, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    compact = CompactContributions(
+    compact = Contributions(
         heads=torch.randn(n, 2, 2, 3, generator=g),  # (N, L, H, k)
         mlps=torch.randn(n, 2, 5, generator=g),  # (N, L, D)
         emb=torch.randn(n, 5, generator=g),  # (N, D)
@@ -200,9 +200,7 @@ def write_chunks(writer: CacheWriter, chunks: list[int]) -> None:
     compact, labels = synthetic(writer.n)
     for chunk in chunks:
         start, stop = writer.chunk_range(chunk)
-        part = CompactContributions(
-            compact.heads[start:stop], compact.mlps[start:stop], compact.emb[start:stop], None, []
-        )
+        part = compact[start:stop]
         writer.write(np.arange(start, stop), part, labels[start:stop])
         writer.commit_chunk(chunk)
 
@@ -293,7 +291,7 @@ def test_arrays_are_allocated_on_disk_before_extraction(tmp_path, monkeypatch, h
 FILL = textwrap.dedent(
     """
     import sys
-    from tests.test_cache import make_job
+    from tests.helpers import make_job
     from residual_lightning.data.cache import ActivationCache
     from residual_lightning.data.extract import build_cache
     model, job = make_job(sys.argv[1], 600)

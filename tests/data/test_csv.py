@@ -1,29 +1,83 @@
-"""Bad data gets a clear error: CSV tables, single-class datasets and split parts that come out empty.
+"""The ``csv`` dataset (`residual_lightning.data.csv_reader`): paths relative or absolute, int or named
+labels, and a clear error for every bad table.
 
 Each error must name the file (and line), the setting and the value, and say what to change.
-The class-name checks against the datasets' own lists live beside their fakes in test_registry.py.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from residual_lightning.data.registry import load_dataset, load_split_datasets
-from residual_lightning.data.splits import PARTS
+from residual_lightning.data.registry import load_dataset
+from tests.data.fakes import check_dataset, write_image
 
 
-def write_image(path, i: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (i * 40 % 256, 90, 200)).save(path)
+def _write_csv(path, header, rows):
+    path.write_text("\n".join([",".join(header)] + [",".join(map(str, r)) for r in rows]) + "\n")
 
 
-@pytest.fixture
-def images(tmp_path):
-    """a.png .. d.png beside the CSVs of a test."""
-    for i, name in enumerate("abcd"):
-        write_image(tmp_path / f"{name}.png", i)
-    return tmp_path
+def test_csv_relative_absolute_and_named_labels(tmp_path):
+    write_image(tmp_path / "a" / "0.jpg", 0)
+    write_image(tmp_path / "a" / "1.jpg", 1)
+    write_image(tmp_path / "elsewhere" / "2.jpg", 2)
+    table = tmp_path / "a" / "labels.csv"
+    _write_csv(
+        table,
+        ["image", "label"],
+        [["0.jpg", "sea_lion"], ["1.jpg", "cat"], [tmp_path / "elsewhere" / "2.jpg", "cat"]],
+    )
+    ds = load_dataset("csv", table, "all")
+    check_dataset(ds, "csv")
+    assert ds.class_names == ["cat", "sea lion"] and ds.targets.tolist() == [1, 0, 0]
+    assert np.array_equal(
+        np.asarray(ds[2][0])[0, 0], np.asarray(Image.open(tmp_path / "elsewhere" / "2.jpg"))[0, 0]
+    )
+    names = tmp_path / "names.txt"
+    names.write_text("dog\nsea_lion\ncat\n")  # a superset, in its own order
+    ds = load_dataset("csv", table, "all", class_names_file=names)
+    assert ds.class_names == ["dog", "sea_lion", "cat"] and ds.targets.tolist() == [1, 2, 2]
+
+
+def test_csv_int_labels_and_mismatch(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / f"{i}.png", i)
+    table = tmp_path / "d.csv"
+    _write_csv(table, ["path", "label"], [["0.png", 0], ["1.png", 3], ["2.png", 1]])
+    ds = load_dataset("csv", table, "all")
+    assert ds.targets.tolist() == [0, 3, 1] and len(ds.class_names) == 4
+    names = tmp_path / "names.txt"
+    names.write_text("a\nb\n")
+    with pytest.raises(ValueError) as err:
+        load_dataset("csv", table, "all", class_names_file=names)
+    assert "4 classes" in str(err.value) and "2 names" in str(err.value)
+    _write_csv(table, ["path", "label"], [["0.png", "cat"], ["1.png", "yak"]])
+    names.write_text("cat\ndog\n")
+    with pytest.raises(ValueError, match="2 names") as err:
+        load_dataset("csv", table, "all", class_names_file=names)
+    assert "yak" in str(err.value)
+
+
+def test_csv_errors_and_skip(tmp_path):
+    write_image(tmp_path / "0.png", 0)
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    table = tmp_path / "d.csv"
+    _write_csv(table, ["file_name", "label"], [["0.png", 0]])
+    with pytest.raises(ValueError, match="image-path column"):
+        load_dataset("csv", table, "all")
+    assert len(load_dataset("csv", table, "all", path_column="file_name")) == 1
+    _write_csv(table, ["path", "label"], [["0.png", 0], ["missing.png", 1], ["bad.png", 1]])
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load_dataset("csv", table, "all")
+    ds = load_dataset("csv", table, "all", on_bad_image="skip")
+    assert len(ds) == 1 and ds.num_skipped == 2 and ds.targets.tolist() == [0]
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        load_dataset("csv", tmp_path / "nope.csv", "all")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad tables (the `images` fixture, a.png .. d.png, is in conftest.py)
 
 
 def load_csv(path, text: str | bytes, **options):
@@ -31,10 +85,6 @@ def load_csv(path, text: str | bytes, **options):
         text = text.encode("utf-8")
     path.write_bytes(text)
     return load_dataset("csv", path, "all", **options)
-
-
-# ---------------------------------------------------------------------------------------------
-# CSV tables
 
 
 @pytest.mark.parametrize(
@@ -106,54 +156,3 @@ def test_csv_bad_options_are_named(images):
         load_csv(table, "path,label,label\na.png,dog,cat\n")
     with pytest.raises(ValueError, match="is empty"):
         load_csv(table, "\n\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# fewer than two classes
-
-
-def test_single_class_imagefolder_is_refused(tmp_path):
-    for k in range(10):
-        write_image(tmp_path / "only_cats" / f"{k}.png", k)
-    assert len(load_dataset("imagefolder", tmp_path, "all")) == 10  # loading alone is fine
-    with pytest.raises(ValueError) as err:
-        load_split_datasets("imagefolder", tmp_path)
-    msg = str(err.value)
-    assert f"imagefolder at {tmp_path}: found 1 class(es) ['only cats']" in msg and "at least 2" in msg
-
-
-def test_single_label_csv_is_refused(images):
-    table = images / "labels.csv"
-    table.write_text("path,label\n" + "".join(f"{c}.png,0\n" for c in "abcd"))
-    with pytest.raises(ValueError, match=r"csv at .*labels.csv: found 1 class\(es\) \['0'\]"):
-        load_split_datasets("csv", table)
-
-
-# ---------------------------------------------------------------------------------------------
-# split parts that would be empty
-
-
-@pytest.fixture
-def two_per_class(tmp_path):
-    for c, cls in enumerate(["cat", "dog", "yak"]):
-        for k in range(2):
-            write_image(tmp_path / cls / f"{k}.png", 2 * c + k)
-    return tmp_path
-
-
-def test_zero_fraction_part_is_refused(two_per_class):
-    with pytest.raises(ValueError) as err:
-        load_split_datasets("imagefolder", two_per_class, fractions=[1, 0, 0])
-    msg = str(err.value)
-    assert "the val part would be empty: fractions [1, 0, 0] (train, val, test)" in msg
-    assert "6 samples in 3 classes, samples per class {0: 2, 1: 2, 2: 2}" in msg
-    assert "give val a positive fraction, e.g. fractions=[0.8, 0.1, 0.1]" in msg
-
-
-def test_too_few_samples_per_class_is_refused(two_per_class):
-    with pytest.raises(ValueError) as err:
-        load_split_datasets("imagefolder", two_per_class)  # 80/10/10 of 2 images a class
-    msg = str(err.value)
-    assert "part would be empty: fractions [0.8, 0.1, 0.1]" in msg and "with 3+ samples per class" in msg
-    parts = load_split_datasets("imagefolder", two_per_class, fractions=[0.4, 0.3, 0.3])
-    assert all(len(parts[p]) > 0 for p in PARTS)  # what the message suggests works

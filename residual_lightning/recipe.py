@@ -1,0 +1,371 @@
+"""The training recipe as a LightningCLI: `ResidualCLI` and `ResidualTrainer` (library code).
+
+`ResidualCLI` chooses the model class (``--model``: `ResidualModel` by default, or
+`FinetuneModel`, both `ClassifierModule`s), links what the data fixes (backbone, convention, class
+names, unit shapes) into the model and the model's class into ``data.mode``, sets the recipe's defaults (early stopping and checkpointing on ``val/accuracy``,
+TensorBoard, 30 epochs), adds the ``extract`` subcommand, and after ``fit`` tests the best
+checkpoint and prints a summary. The console script (`residual_lightning.cli`) only dispatches to it.
+
+Checkpoints (see `residual_lightning.checkpoints`): every load is weights-only (``--weights_only``
+defaults to true; a crafted checkpoint, local or ``http://``, cannot run code); saves are atomic
+(`AtomicCheckpointIO` replaces Lightning's default ``CheckpointIO``); a ``--ckpt_path`` that is
+truncated or empty is refused at start, naming the file; ``--ckpt_path last`` is the newest
+``runs/<name>/version_N/checkpoints/last.ckpt`` (highest N; `checkpoints.find_last`), and ``fit``
+resumes it logging into that same version folder; with none, it fails naming where it looked.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import textwrap
+from pathlib import Path
+from typing import Any, NoReturn
+
+from jsonargparse import Namespace
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info
+
+from residual_lightning import checkpoints
+from residual_lightning.classifier_module import (
+    ClassifierModule,
+    checkpoint_class_path,
+    class_path,
+    read_hparams,
+)
+from residual_lightning.data.datamodule import ResidualDataModule
+from residual_lightning.finetune import DEPRECATED_METHOD, FinetuneModel, from_method_finetune
+from residual_lightning.model import ResidualModel
+
+CKPT_SUBCOMMANDS = ("fit", "validate", "test", "predict")  # those that take --ckpt_path
+
+
+class ResidualTrainer(Trainer):
+    """Lightning's Trainer plus `extract`, so that cache building uses the same strategies (DDP)."""
+
+    def predict(
+        self,
+        model: LightningModule | None = None,
+        dataloaders: Any = None,
+        datamodule: LightningDataModule | None = None,
+        return_predictions: bool | None = None,
+        ckpt_path: str | None = None,
+        weights_only: bool | None = None,
+        skip_bad_images: bool = False,
+    ):
+        """Class probabilities of images (Lightning's predict), with bad images skipped on request.
+
+        Args:
+            model: the model.
+            dataloaders: loaders (default: the data module's).
+            datamodule: the data module.
+            return_predictions: return the predictions.
+            ckpt_path: the checkpoint to predict with.
+            weights_only: load the checkpoint weights-only.
+            skip_bad_images: skip images that cannot be read and list them in ``skipped_images.txt``
+                beside ``predictions.csv`` (default: stop at the first one, naming it).
+        """
+        if datamodule is not None and hasattr(datamodule, "predict_on_bad_image"):
+            datamodule.predict_on_bad_image = "skip" if skip_bad_images else "raise"
+        return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
+
+    def extract(
+        self, model: ResidualModel | None = None, datamodule: ResidualDataModule | None = None
+    ) -> None:
+        """Build the activation caches and the text classifier of a data config, sharded across devices.
+
+        Args:
+            model: unused (LightningCLI passes it).
+            datamodule: the data module whose caches to build.
+        """
+        from residual_lightning.data.extract import Extractor
+
+        if datamodule is None:
+            raise ValueError("extract needs a data module (--data ...)")
+        datamodule.trainer = self  # its precision is part of the cache key
+        backbone = datamodule.backbone.load()
+        extractor = Extractor(
+            backbone.model,
+            datamodule.jobs(backbone),
+            batch_size=datamodule.extract_batch_size,
+            chunk_size=datamodule.chunk_size,
+            num_workers=datamodule.num_workers,
+            on_mismatch=datamodule.on_mismatch,
+        )
+        self.predict(extractor, return_predictions=False)
+        if self.is_global_zero:
+            datamodule.classifier()
+            print(
+                f"caches ready under {datamodule.cache_dir}: {', '.join(map(str, datamodule.cache_paths().values()))}"
+            )
+
+
+# jsonargparse's error for a bad option of the chosen model class: nested under the class path.
+_NESTED_MODEL_ERROR = re.compile(
+    r"Parser key \"model\":\n.*?- Problem with given class_path '(?P<cls>[^']+)':\n(?P<inner>(?: {8}[^\n]*(?:\n|$))+)",
+    re.S,
+)
+
+
+def model_error(message: str) -> str:
+    """A parser error about one of the model's options, with its dotted key (``model.lr``).
+
+    With a choice of model classes jsonargparse reports ``Parser key "model"``, a union of classes
+    and, nested under the class path, the actual error; this keeps the actual error and names the
+    key as the command line spells it. Any other message is returned as it is.
+
+    Args:
+        message: jsonargparse's error message.
+    """
+    found = _NESTED_MODEL_ERROR.search(message)
+    if found is None:
+        return message
+    inner = textwrap.dedent(found["inner"]).rstrip()
+    name = found["cls"].rpartition(".")[2]
+    key = re.match(r'Parser key "([^"]+)":', inner)
+    if key:
+        return f'Parser key "model.{key[1]}" ({name}):{inner[key.end() :]}'
+    option = re.fullmatch(r"Option '([^']+)' is not accepted", inner)
+    if option:
+        return f"{name} does not accept option 'model.{option[1]}'"
+    return f"model ({name}): {inner}"
+
+
+class ResidualArgumentParser(LightningArgumentParser):
+    """Lightning's argument parser, naming the dotted key of a bad model option (`model_error`)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """Report `message` (rewritten by `model_error`) as jsonargparse does: exit 2 or raise."""
+        super().error(model_error(message), ex)
+
+
+def data_mode(model: Namespace) -> str:
+    """``data.mode`` for the chosen model: its class's `data_mode` (``images`` for `FinetuneModel`).
+
+    A link from the whole ``model`` value (class path and init args) rather than a data module that
+    asks the model in ``setup``: ``prepare_data`` and ``extract`` already need the mode, and
+    ``--print_config`` shows it. The deprecated ``model.method: finetune`` reads images too.
+
+    Args:
+        model: the parsed ``model`` (``class_path`` and ``init_args``).
+    """
+    if model.class_path == class_path(ResidualModel) and model.init_args.get("method") == "finetune":
+        return FinetuneModel.data_mode
+    module, _, name = model.class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name).data_mode
+
+
+class ResidualCLI(LightningCLI):
+    """LightningCLI with the project's links, defaults and the `extract` subcommand.
+
+    Args:
+        model_class: the model built when the config names no class (default `ResidualModel`, so
+            ``model: {method: residual}`` needs no ``class_path``). Any `ClassifierModule` is
+            selectable with ``--model`` (``--model FinetuneModel``) or ``model.class_path``.
+        *args: LightningCLI's positional arguments after the model class.
+        **kwargs: LightningCLI's keyword arguments.
+    """
+
+    def __init__(self, model_class: type[LightningModule] | None = None, *args, **kwargs) -> None:
+        self.default_model = model_class or ResidualModel
+        if issubclass(self.default_model, ClassifierModule):  # --model picks among them
+            model_class = ClassifierModule
+            kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("parser_class", ResidualArgumentParser)
+        super().__init__(model_class, *args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands plus `extract`."""
+        return {**LightningCLI.subcommands(), "extract": {"model", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        """The default model, links between the data module and the model, early stopping and checkpoint defaults."""
+        model = "model.init_args" if self.subclass_mode_model else "model"
+        if self.subclass_mode_model:
+            parser.set_defaults({"model": {"class_path": class_path(self.default_model)}})
+            parser.link_arguments("model", "data.mode", compute_fn=data_mode)
+        parser.link_arguments("data.backbone", f"{model}.backbone")
+        parser.link_arguments("data.convention", f"{model}.convention")
+        parser.link_arguments(
+            "data", f"{model}.class_names", compute_fn=lambda dm: dm.class_names, apply_on="instantiate"
+        )
+        parser.link_arguments(
+            "data", f"{model}.shape", compute_fn=lambda dm: dm.shape, apply_on="instantiate"
+        )
+        parser.add_argument(
+            "--report",
+            type=bool,
+            default=True,
+            help="after fit: write report.md with plots beside the logs (and to TensorBoard); see docs/analysis.md",
+        )
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "early_stopping.monitor": "val/accuracy",
+                "early_stopping.mode": "max",
+                "early_stopping.patience": 5,
+                "checkpoint.monitor": "val/accuracy",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch:02d}-acc{val/accuracy:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+                "trainer.max_epochs": 30,
+                "trainer.use_distributed_sampler": False,
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "residual"},
+                },
+                "trainer.callbacks": [
+                    {"class_path": "residual_lightning.callbacks.ResidualPlots"},
+                    {"class_path": "residual_lightning.callbacks.PredictionCSV"},
+                ],
+            }
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        """Lightning's parser, with ``--weights_only`` defaulting to true for every subcommand that loads."""
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        # The trainer's method arguments (ckpt_path, weights_only) are added after
+        # add_arguments_to_parser, so their defaults are set here. A Lightning without
+        # --weights_only fails here rather than loading remote checkpoints with pickle.
+        for name, parser in getattr(self, "_subcommand_parsers", {}).items():
+            if name in CKPT_SUBCOMMANDS:
+                parser.set_defaults(weights_only=True)
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, build a FinetuneModel for the deprecated ``model.method: finetune``, then resolve
+        ``--ckpt_path last`` and check the checkpoint before anything loads it."""
+        super().parse_arguments(parser, args)
+        self._replace_method_finetune()
+        self._prepare_ckpt_path()
+
+    def _model_config(self) -> Namespace:
+        """The parsed config holding ``model`` (the subcommand's, or the top level with ``run=False``)."""
+        subcommand = self.config.get("subcommand")
+        return self.config[subcommand] if subcommand else self.config
+
+    def _replace_method_finetune(self) -> None:
+        """``model.method: finetune`` (deprecated): warn and select FinetuneModel with its options."""
+        config = self._model_config()
+        model = config.get("model")
+        if not isinstance(model, Namespace) or model.get("class_path") != class_path(ResidualModel):
+            return
+        if model.init_args.get("method") != "finetune":
+            return
+        rank_zero_deprecation(DEPRECATED_METHOD)
+        config.model = Namespace(
+            class_path=class_path(FinetuneModel), init_args=Namespace(**from_method_finetune(model.init_args))
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's merge of the ``--ckpt_path`` checkpoint's hyperparameters into the model config.
+
+        A finetune checkpoint of an earlier release (``method: finetune``, no class path) merges as
+        FinetuneModel's options; Lightning's own merge would give them to the chosen class as they are.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return super()._parse_ckpt_path()
+        hparams = read_hparams(ckpt_path)
+        if "_class_path" in hparams or checkpoint_class_path(hparams) != class_path(FinetuneModel):
+            return super()._parse_ckpt_path()
+        init_args = from_method_finetune(hparams)
+        model = {"class_path": class_path(FinetuneModel), "init_args": init_args}
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+
+    def _prepare_ckpt_path(self) -> None:
+        """Resolve ``last`` (fit then logs into its version folder); refuse a truncated file."""
+        subcommand = self.config.get("subcommand")
+        if subcommand not in CKPT_SUBCOMMANDS:
+            return
+        config = self.config[subcommand]
+        if config.get("ckpt_path") == "last":
+            checkpoint = config.get("checkpoint")
+            last = checkpoints.find_last(config.trainer, checkpoint.get("dirpath") if checkpoint else None)
+            config.ckpt_path = str(last.path)
+            if subcommand == "fit" and last.version is not None:
+                checkpoints.set_logger_version(config.trainer, last.version)
+            into = f", logging into {last.version}" if subcommand == "fit" and last.version else ""
+            rank_zero_info(f"--ckpt_path last: {last.path}{into}")
+        if config.get("ckpt_path") is not None and not checkpoints.is_keyword(config.ckpt_path):
+            checkpoints.check_checkpoint(
+                config.ckpt_path, weights_only=config.get("weights_only") is not False
+            )
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """Lightning's trainer, saving checkpoints atomically (`checkpoints.AtomicCheckpointIO`)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        checkpoints.use_atomic_checkpoints(trainer)
+        return trainer
+
+    # ------------------------------------------------------------------ fit
+
+    def before_fit(self) -> None:
+        """Run the LR finder when ``model.lr: auto``."""
+        if self.model.lr == "auto":
+            from residual_lightning.callbacks import find_lr
+
+            find_lr(self.trainer, self.model, self.datamodule)
+
+    def after_fit(self) -> None:
+        """Test the best checkpoint and print a summary table."""
+        if self.trainer.interrupted:
+            return
+        ckpt = self.trainer.checkpoint_callback
+        best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+        results = self.trainer.test(
+            self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False
+        )
+        if self.trainer.is_global_zero:
+            print_summary(self.model, results[0] if results else {}, best, self.trainer)
+            if (
+                self.config[self.subcommand].get("report")
+                and best
+                and self.model.method not in ("zeroshot", "finetune")
+            ):
+                self._write_report(best)
+
+    def _write_report(self, ckpt: str) -> None:
+        """The analysis report of the best checkpoint, beside the logs and in TensorBoard."""
+        from residual_lightning.analysis.report import log_report_to_tensorboard, write_report
+
+        out = Path(getattr(self.trainer.logger, "log_dir", None) or self.trainer.default_root_dir) / "report"
+        path = write_report(ckpt, out, datamodule=self.datamodule)
+        exp = getattr(self.trainer.logger, "experiment", None)
+        if hasattr(exp, "add_text"):
+            log_report_to_tensorboard(exp, out)
+        print(f"report: {path}")
+
+
+def print_summary(model: ClassifierModule, metrics: dict, best: str | None, trainer: Trainer) -> None:
+    """Zero-shot vs adapted test accuracy, learned parameters, where logs and checkpoints are."""
+    logdir = getattr(trainer.logger, "log_dir", None) if trainer.logger else None
+    zs, acc = metrics.get("test/zeroshot_accuracy"), metrics.get("test/accuracy")
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "n/a"  # noqa: E731
+    untrained = trainer.global_step == 0
+    if untrained:
+        print(
+            f"\nnot trained: no training step ran (trainer.max_epochs={trainer.max_epochs}); "
+            f"the {model.method} accuracy below is that of the initial, untrained adapter"
+        )
+    rows = [
+        ("method", model.method),
+        ("zero-shot test accuracy", fmt(zs)),
+        (f"{model.method} test accuracy" + (" (untrained)" if untrained else ""), fmt(acc)),
+        (
+            "gain (points)",
+            f"{100 * (acc - zs):+.1f}" if isinstance(acc, float) and isinstance(zs, float) else "n/a",
+        ),
+        ("learned parameters", f"{model.num_learned():,}"),
+        ("TensorBoard logs", f"{logdir}  (tensorboard --logdir {Path(logdir).parent if logdir else 'runs'})"),
+        ("best checkpoint", best or "none"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"| {k.ljust(width)} | {v} |" for k, v in rows) + "\n")
