@@ -85,7 +85,7 @@ class ResidualDataModule(L.LightningDataModule):
         predict_path: for ``predict``: a folder of images (searched recursively) or an image
             file; default: the images of the test part.
         mode: ``cache`` (batches of cached contributions) or ``images`` (preprocessed images, for
-            ``finetune``; the CLI sets it from ``model.method``).
+            ``FinetuneModel``; the CLI sets it from the model class's ``data_mode``).
     """
 
     def __init__(

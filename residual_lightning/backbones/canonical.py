@@ -1,0 +1,238 @@
+"""The canonical pre-norm ViT: one library-neutral description every reader produces.
+
+A reader (`backbones/open_clip.py`, later timm and transformers) turns a library's vision tower
+into a `CanonicalViT`; the engine (`backbones/engine.py`) decomposes only this description, so
+the exact decomposition is written once. The description holds the library's own tensors and
+modules (views, no copies), and `CanonicalViT.forward` is a plain reference forward of it that
+the tests hold equal to the library's own forward.
+
+    x = embed(images)                                         # (N, T, W), pre-norm included
+    for each block:
+        a = attention(norm1(x))                               # heads, optional q/k norms,
+                                                              # head_scale, inner norm, out-proj
+        x = x + ls1 * post_attn_norm(a)
+        x = x + ls2 * mlp(norm2(x))
+    z = proj(final_norm(pool(x)))  or  proj(pool(final_norm(x)))
+
+Letters as in `residual_lightning.units`: N images, T tokens, W width, H heads, d head width,
+D output size, L layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from residual_lightning.contributions import Convention, UnitLayout
+
+Module = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class Embed:
+    """What enters block 0 (the ``emb`` unit).
+
+    Attributes:
+        fn: images (N, C, S, S) -> token stream (N, T, W), with any pre-norm applied.
+        dtype: the dtype images are cast to before `fn` (the patch embedding's weights).
+    """
+
+    fn: Module
+    dtype: torch.dtype = torch.float32
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return self.fn(images.to(self.dtype))
+
+
+@dataclass
+class Attention:
+    """Multi-head self-attention in per-head form.
+
+    Attributes:
+        q_weight: (H, d, W) query weights; ``k_weight``, ``v_weight`` likewise.
+        q_bias: (H, d) or None; ``k_bias``, ``v_bias`` likewise.
+        out_weight: (W, H*d) output projection, head h in columns h*d:(h+1)*d.
+        out_bias: (W,) or None.
+        scale: the logit scale (d ** -0.5 for standard attention).
+        q_norm: module applied to q as (N, H, T, d) (a per-head-vector norm), or None.
+        k_norm: likewise for k.
+        head_scale: (H,) factor of each head's output, or None.
+        inner_norm: a LayerNorm over the H*d concatenated head outputs before `out_weight`, or None.
+    """
+
+    q_weight: Tensor
+    k_weight: Tensor
+    v_weight: Tensor
+    q_bias: Tensor | None
+    k_bias: Tensor | None
+    v_bias: Tensor | None
+    out_weight: Tensor
+    out_bias: Tensor | None
+    scale: float
+    q_norm: Module | None = None
+    k_norm: Module | None = None
+    head_scale: Tensor | None = None
+    inner_norm: nn.LayerNorm | None = None
+
+    @property
+    def heads(self) -> int:
+        return self.q_weight.shape[0]
+
+    @property
+    def head_width(self) -> int:
+        return self.q_weight.shape[1]
+
+    def project(self, x: Tensor, which: str) -> Tensor:
+        """q, k or v of tokens x (N, T, W) as (N, H, T, d)."""
+        weight, bias = getattr(self, f"{which}_weight"), getattr(self, f"{which}_bias")
+        out = torch.einsum("ntw,hdw->nhtd", x, weight.to(x.dtype))  # (N, H, T, d)
+        if bias is not None:
+            out = out + bias.to(x.dtype)[None, :, None]
+        norm = getattr(self, f"{which}_norm", None)
+        return norm(out) if norm is not None else out
+
+    def context(self, x: Tensor, queries: int | None = None) -> Tensor:
+        """Per-head attention outputs (N, H, Tq, d) for the first `queries` tokens (all: None)."""
+        q = self.project(x if queries is None else x[:, :queries], "q")  # (N, H, Tq, d)
+        k, v = self.project(x, "k"), self.project(x, "v")  # (N, H, T, d)
+        ctx = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (N, H, Tq, d)
+        if self.head_scale is not None:
+            ctx = ctx * self.head_scale.to(ctx.dtype)[None, :, None, None]
+        return ctx
+
+    def __call__(self, x: Tensor) -> Tensor:
+        n, t, _ = x.shape
+        ctx = self.context(x).transpose(1, 2).reshape(n, t, -1)  # (N, T, H*d)
+        if self.inner_norm is not None:
+            ctx = self.inner_norm(ctx)
+        return F.linear(ctx, self.out_weight, self.out_bias)  # (N, T, W)
+
+
+@dataclass
+class Block:
+    """One pre-norm residual block.
+
+    Attributes:
+        norm1: the norm before attention (a module used as a function).
+        attention: the attention.
+        ls1: (W,) LayerScale of the attention branch, or None.
+        post_attn_norm: a LayerNorm on the attention output before `ls1`, or None.
+        norm2: the norm before the MLP.
+        mlp: the library's MLP module, used as a function (N, T, W) -> (N, T, W).
+        ls2: (W,) LayerScale of the MLP branch, or None.
+    """
+
+    norm1: Module
+    attention: Attention
+    ls1: Tensor | None
+    norm2: Module
+    mlp: Module
+    ls2: Tensor | None
+    post_attn_norm: nn.LayerNorm | None = None
+
+    def attention_branch(self, x: Tensor) -> Tensor:
+        a = self.attention(self.norm1(x))
+        if self.post_attn_norm is not None:
+            a = self.post_attn_norm(a)
+        return a * self.ls1 if self.ls1 is not None else a
+
+    def mlp_branch(self, x: Tensor) -> Tensor:
+        m = self.mlp(self.norm2(x))
+        return m * self.ls2 if self.ls2 is not None else m
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = x + self.attention_branch(x)
+        return x + self.mlp_branch(x)
+
+
+@dataclass
+class Readout:
+    """How the image embedding is read from the final stream.
+
+    Attributes:
+        pool: ``"tok"`` (token 0) or ``"avg"`` (mean of the tokens after the prefix tokens).
+        norm: the final LayerNorm.
+        norm_after_pool: True: pool, then norm (one sigma per image); False: norm every token,
+            then pool (identical for ``tok``).
+        proj: (W, D) projection.
+        proj_bias: (D,) or None.
+        num_prefix_tokens: class/register tokens skipped by ``avg``.
+    """
+
+    pool: Literal["tok", "avg"]
+    norm: nn.LayerNorm
+    proj: Tensor
+    norm_after_pool: bool = False
+    proj_bias: Tensor | None = None
+    num_prefix_tokens: int = 1
+
+    @property
+    def layout_pool(self) -> Literal["tok", "avg_ln", "ln_avg"]:
+        """The `UnitLayout.pool` name of this readout."""
+        if self.pool == "tok":
+            return "tok"
+        return "avg_ln" if self.norm_after_pool else "ln_avg"
+
+    def tokens(self, x: Tensor) -> Tensor:
+        """The readout tokens (N, R, W) of a stream (N, T, W): one row, or every pooled token
+        when a per-token norm comes first (each has its own sigma)."""
+        if self.pool == "tok":
+            return x[:, :1]
+        patches = x[:, self.num_prefix_tokens :]  # (N, T - prefix, W)
+        return patches.mean(1, keepdim=True) if self.norm_after_pool else patches
+
+    def __call__(self, x: Tensor) -> Tensor:
+        pooled = self.norm(self.tokens(x)).mean(1)  # (N, W)
+        out = pooled @ self.proj.to(pooled.dtype)  # (N, D)
+        return out + self.proj_bias.to(out.dtype) if self.proj_bias is not None else out
+
+
+@dataclass
+class CanonicalViT:
+    """A pre-norm ViT in library-neutral terms.
+
+    Attributes:
+        embed: the ``emb`` unit (patch/class/position embeddings and pre-norm).
+        blocks: the L residual blocks.
+        readout: pooling, final norm and projection.
+        library: where it was read from (``open_clip``, ...).
+        name: a free label (the class or config name).
+    """
+
+    embed: Embed
+    blocks: list[Block]
+    readout: Readout
+    library: str = "open_clip"
+    name: str = ""
+
+    @property
+    def width(self) -> int:
+        return self.readout.proj.shape[0]
+
+    def layout(self, convention: Convention = "default") -> UnitLayout:
+        """The `UnitLayout` of the units the engine splits this model into."""
+        attn = self.blocks[0].attention
+        return UnitLayout(
+            layers=len(self.blocks),
+            heads=attn.heads,
+            head_width=attn.head_width,
+            output_dim=self.readout.proj.shape[1],
+            convention=convention,
+            width=self.width,
+            pool=self.readout.layout_pool,
+            library=self.library,
+        )
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Reference forward (no decomposition): images (N, C, S, S) -> embeddings (N, D)."""
+        x = self.embed(images)  # (N, T, W)
+        for block in self.blocks:
+            x = block(x)
+        return self.readout(x)
+
+    __call__ = forward
