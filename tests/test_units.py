@@ -151,10 +151,19 @@ def test_attentional_pooler_is_refused():
         unit_names(model)
 
 
-def test_custom_attention_blocks_are_refused():
-    model = build_clip(qk_norm=True)
-    with pytest.raises(UnsupportedModelError, match="CustomResidualAttentionBlock.*Attention"):
-        decompose(model, images_for(model))
+@pytest.mark.parametrize("convention", ["default", "equal_share"])
+def test_custom_attention_blocks_decompose_exactly(convention):
+    from open_clip.transformer import Attention, CustomResidualAttentionBlock
+
+    model = build_clip(qk_norm=True, scale_heads=True, scale_attn_inner=True, scale_attn=True)
+    block = model.visual.transformer.resblocks[0]
+    assert isinstance(block, CustomResidualAttentionBlock) and isinstance(block.attn, Attention)
+    x = images_for(model)
+    with torch.no_grad():
+        ref = model.encode_image(x)
+        out = decompose(model, x, convention=convention)
+    assert out.names == unit_names(model)
+    assert rel_err(out.contributions.sum(1), ref) <= 1e-5
 
 
 def test_non_vit_tower_is_refused():

@@ -33,6 +33,10 @@ from residual_lightning.contributions import Convention, UnitLayout
 Module = Callable[[Tensor], Tensor]
 
 
+class UnsupportedModelError(TypeError):
+    """The model is not a pre-norm ViT a reader can describe (and the engine decompose) exactly."""
+
+
 @dataclass
 class Embed:
     """What enters block 0 (the ``emb`` unit).
@@ -90,15 +94,24 @@ class Attention:
     def project(self, x: Tensor, which: str) -> Tensor:
         """q, k or v of tokens x (N, T, W) as (N, H, T, d)."""
         weight, bias = getattr(self, f"{which}_weight"), getattr(self, f"{which}_bias")
-        out = torch.einsum("ntw,hdw->nhtd", x, weight.to(x.dtype))  # (N, H, T, d)
-        if bias is not None:
-            out = out + bias.to(x.dtype)[None, :, None]
+        n, t, w = x.shape
+        # One (H*d, W) matmul per projection, as the libraries compute it.
+        bias = None if bias is None else bias.reshape(-1).to(x.dtype)
+        out = F.linear(x, weight.reshape(-1, w).to(x.dtype), bias)  # (N, T, H*d)
+        out = out.reshape(n, t, self.heads, -1).transpose(1, 2)  # (N, H, T, d)
         norm = getattr(self, f"{which}_norm", None)
         return norm(out) if norm is not None else out
 
-    def context(self, x: Tensor, queries: int | None = None) -> Tensor:
-        """Per-head attention outputs (N, H, Tq, d) for the first `queries` tokens (all: None)."""
-        q = self.project(x if queries is None else x[:, :queries], "q")  # (N, H, Tq, d)
+    def context(self, x: Tensor, queries: int | slice | None = None) -> Tensor:
+        """Per-head attention outputs (N, H, Tq, d) for the query rows `queries` (all: None).
+
+        Args:
+            x: the normed tokens (N, T, W); keys and values are always all of them.
+            queries: None (every token), n (the first n) or a slice of the token rows.
+        """
+        if isinstance(queries, int):
+            queries = slice(0, queries)
+        q = self.project(x if queries is None else x[:, queries], "q")  # (N, H, Tq, d)
         k, v = self.project(x, "k"), self.project(x, "v")  # (N, H, T, d)
         ctx = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (N, H, Tq, d)
         if self.head_scale is not None:
@@ -178,13 +191,19 @@ class Readout:
             return "tok"
         return "avg_ln" if self.norm_after_pool else "ln_avg"
 
+    @property
+    def rows(self) -> slice:
+        """The token rows the readout reads: token 0, or every token after the prefix."""
+        return slice(0, 1) if self.pool == "tok" else slice(self.num_prefix_tokens, None)
+
+    def pool_rows(self, rows: Tensor) -> Tensor:
+        """The readout tokens (N, R, W) from the rows (N, T', W) already cut by `rows`."""
+        return rows.mean(1, keepdim=True) if self.pool == "avg" and self.norm_after_pool else rows
+
     def tokens(self, x: Tensor) -> Tensor:
         """The readout tokens (N, R, W) of a stream (N, T, W): one row, or every pooled token
         when a per-token norm comes first (each has its own sigma)."""
-        if self.pool == "tok":
-            return x[:, :1]
-        patches = x[:, self.num_prefix_tokens :]  # (N, T - prefix, W)
-        return patches.mean(1, keepdim=True) if self.norm_after_pool else patches
+        return self.pool_rows(x[:, self.rows])
 
     def __call__(self, x: Tensor) -> Tensor:
         pooled = self.norm(self.tokens(x)).mean(1)  # (N, W)

@@ -83,29 +83,38 @@ def _run(canonical: CanonicalViT, images: Tensor) -> dict[str, Tensor]:
     Returns ``emb`` (N, R, W), ``mlps`` (N, L, R, W), ``coords`` (N, L, R, H*d) head
     coordinates (context over the per-token sigmas of the attention's norms), ``scales``
     (N, L, R, 1) the 1/sigma of ``post_attn_norm`` (ones without it) and ``stream`` (N, R, W).
+
+    In the last block only the readout rows are computed (queries, out-projection, MLP): for a
+    ``tok`` readout that is the CLS row alone, which makes the pass cheaper than the model's own
+    forward. Every kept value is a copy, not a view, so no layer's (N, T, W) tensors stay alive.
     """
-    read = canonical.readout.tokens
+    readout = canonical.readout
     x = canonical.embed(images)  # (N, T, W)
-    emb = read(x).float().clone()
+    emb = readout.tokens(x).float().clone()
     mlps, coords, scales = [], [], []
-    for block in canonical.blocks:
+    last = len(canonical.blocks) - 1
+    for i, block in enumerate(canonical.blocks):
         attn = block.attention
+        rows = readout.rows if i == last else None  # query rows this block must produce
+        ctx = attn.context(block.norm1(x), rows)  # (N, H, Tq, d)
+        x = x if rows is None else x[:, rows]  # (N, Tq, W)
         n, t, _ = x.shape
-        ctx = attn.context(block.norm1(x)).transpose(1, 2).reshape(n, t, -1)  # (N, T, H*d)
+        ctx = ctx.transpose(1, 2).reshape(n, t, -1)  # (N, Tq, H*d)
         coord = ctx.float()
         pre = ctx
         if attn.inner_norm is not None:
             coord = coord * _inv_sigma(ctx, attn.inner_norm)
             pre = attn.inner_norm(ctx)
-        a = torch.nn.functional.linear(pre, attn.out_weight, attn.out_bias)  # (N, T, W)
-        scale = torch.ones_like(coord[..., :1])  # (N, T, 1)
+        a = torch.nn.functional.linear(pre, attn.out_weight, attn.out_bias)  # (N, Tq, W)
+        scale = torch.ones_like(coord[..., :1])  # (N, Tq, 1)
         if block.post_attn_norm is not None:
             scale = _inv_sigma(a, block.post_attn_norm)
             coord = coord * scale
             a = block.post_attn_norm(a)
         x = x + (a * block.ls1 if block.ls1 is not None else a)
-        mlp_out = block.mlp_branch(x)  # (N, T, W)
+        mlp_out = block.mlp_branch(x)  # (N, Tq, W)
         x = x + mlp_out
+        read = readout.tokens if rows is None else readout.pool_rows
         coords.append(read(coord).clone())
         scales.append(read(scale).clone())
         mlps.append(read(mlp_out).float().clone())
@@ -114,7 +123,7 @@ def _run(canonical: CanonicalViT, images: Tensor) -> dict[str, Tensor]:
         "mlps": torch.stack(mlps, 1),  # (N, L, R, W)
         "coords": torch.stack(coords, 1),  # (N, L, R, H*d)
         "scales": torch.stack(scales, 1),  # (N, L, R, 1)
-        "stream": read(x).float(),  # (N, R, W)
+        "stream": (readout.tokens(x) if last < 0 else readout.pool_rows(x)).float(),  # (N, R, W)
     }
 
 
@@ -140,7 +149,7 @@ def decompose_compact(
 
 
 def _linearise(canonical: CanonicalViT, layout, acts: dict, convention: str) -> Contributions:
-    """Split the final LayerNorm and projection over the units (float32); `units._linearise`'s math."""
+    """Split the final LayerNorm and projection over the units (float32), as `units` documents."""
     readout, width = canonical.readout, layout.width
     stream = acts["stream"]  # (N, R, W)
     gamma, beta = _affine(readout.norm, width, stream.device)

@@ -19,8 +19,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from residual_lightning.backbones.canonical import Attention, Block, CanonicalViT, Embed, Readout
-from residual_lightning.units import UnsupportedModelError
+from residual_lightning.backbones.canonical import (
+    Attention,
+    Block,
+    CanonicalViT,
+    Embed,
+    Readout,
+    UnsupportedModelError,
+)
 
 __all__ = ["is_supported", "read_open_clip"]
 

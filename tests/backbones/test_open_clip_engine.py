@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import build_clip
 
-from residual_lightning import units
 from residual_lightning.backbones import decompose, decompose_compact, is_supported, read_open_clip
 from residual_lightning.units import UnsupportedModelError
 
@@ -117,21 +116,6 @@ def test_decompose_is_the_expanded_compact_form():
     assert out.names == compact.names
     torch.testing.assert_close(out.contributions, compact.expand())
     torch.testing.assert_close(out.unit("l1.h2"), compact.head_contributions()[:, 1, 2])
-
-
-@pytest.mark.parametrize("convention", ["default", "equal_share"])
-@pytest.mark.parametrize("cfg", list(MHA))
-def test_mha_matches_units_decompose_compact(cfg, convention):
-    model = model_for(cfg)
-    x = images_for(model)
-    with torch.no_grad():
-        new = decompose_compact(read_open_clip(model), x, convention)
-        old = units.decompose_compact(model, x, convention)
-    assert new.names == old.names
-    assert read_open_clip(model).layout(convention) == units.unit_layout(model).with_convention(convention)
-    for field in ("heads", "mlps", "emb", "head_maps"):
-        assert rel_err(getattr(new, field), getattr(old, field)) <= 1e-5, field
-    assert rel_err(new.expand(), old.expand()) <= 1e-5
 
 
 def test_scaled_cosine_attention_is_refused_by_name():
