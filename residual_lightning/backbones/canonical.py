@@ -255,3 +255,20 @@ class CanonicalViT:
         return self.readout(x)
 
     __call__ = forward
+
+
+def optional_module(module: nn.Module | None) -> nn.Module | None:
+    """None for an absent or identity module (how libraries switch a norm or scale off)."""
+    return None if module is None or isinstance(module, nn.Identity) else module
+
+
+def layer_norm_or_none(module: nn.Module | None, where: str) -> nn.LayerNorm | None:
+    """A norm the engine linearises per token: a LayerNorm over the last dim, or absent.
+
+    Raises:
+        UnsupportedModelError: any other norm, naming `where` and its class.
+    """
+    module = optional_module(module)
+    if module is not None and not isinstance(module, nn.LayerNorm):
+        raise UnsupportedModelError(f"{where} is {type(module).__name__}, not a LayerNorm")
+    return module

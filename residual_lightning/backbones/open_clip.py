@@ -26,6 +26,8 @@ from residual_lightning.backbones.canonical import (
     Embed,
     Readout,
     UnsupportedModelError,
+    layer_norm_or_none,
+    optional_module,
 )
 
 __all__ = ["is_supported", "read_open_clip"]
@@ -37,18 +39,6 @@ _ATTENTION_PARAMS = {"in_proj_weight", "in_proj_bias", "logit_scale", "head_scal
 
 def _visual(model: nn.Module) -> nn.Module:
     return model.visual if hasattr(model, "visual") else model
-
-
-def _optional(module: nn.Module) -> nn.Module | None:
-    return None if isinstance(module, nn.Identity) else module
-
-
-def _layer_norm(module: nn.Module, where: str) -> nn.LayerNorm | None:
-    """A norm the engine linearises per token: it must be a LayerNorm (or absent)."""
-    module = _optional(module)
-    if module is not None and not isinstance(module, nn.LayerNorm):
-        raise UnsupportedModelError(f"{where} is {type(module).__name__}, not a LayerNorm")
-    return module
 
 
 def _layer_scale(module: nn.Module, where: str) -> Tensor | None:
@@ -123,10 +113,10 @@ def _read_custom(i: int, block: nn.Module) -> Block:
         attn.out_proj.weight,
         attn.out_proj.bias,
         scale=attn.scale,
-        q_norm=_optional(attn.ln_q),
-        k_norm=_optional(attn.ln_k),
+        q_norm=optional_module(attn.ln_q),
+        k_norm=optional_module(attn.ln_k),
         head_scale=head_scale,
-        inner_norm=_layer_norm(attn.ln_inner, f"block {i}.attn.ln_inner"),
+        inner_norm=layer_norm_or_none(attn.ln_inner, f"block {i}.attn.ln_inner"),
     )
     return Block(
         norm1=block.ln_1,
@@ -135,7 +125,7 @@ def _read_custom(i: int, block: nn.Module) -> Block:
         norm2=block.ln_2,
         mlp=block.mlp,
         ls2=_layer_scale(block.ls_2, f"block {i} ls_2"),
-        post_attn_norm=_layer_norm(block.ln_attn, f"block {i}.ln_attn"),
+        post_attn_norm=layer_norm_or_none(block.ln_attn, f"block {i}.ln_attn"),
     )
 
 
@@ -166,7 +156,7 @@ def read_open_clip(model: nn.Module) -> CanonicalViT:
         raise UnsupportedModelError(f"{cls} has pool_type={visual.pool_type!r}")
     if visual.proj is None:
         raise UnsupportedModelError(f"{cls} has no projection (proj is None)")
-    ln_post = _layer_norm(visual.ln_post, f"{cls}.ln_post")
+    ln_post = layer_norm_or_none(visual.ln_post, f"{cls}.ln_post")
     if ln_post is None:
         raise UnsupportedModelError(f"{cls}.ln_post is absent")
     blocks = []

@@ -36,24 +36,14 @@ from residual_lightning.backbones.canonical import (
     Embed,
     Readout,
     UnsupportedModelError,
+    layer_norm_or_none,
+    optional_module,
 )
 
 __all__ = ["is_supported_timm", "read_timm"]
 
 _BLOCK_CHILDREN = {"norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"}
 _ATTENTION_CHILDREN = {"qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"}
-
-
-def _optional(module: nn.Module | None) -> nn.Module | None:
-    return None if module is None or isinstance(module, nn.Identity) else module
-
-
-def _layer_norm(module: nn.Module | None, where: str) -> nn.LayerNorm | None:
-    """A norm the engine linearises per token: a LayerNorm over the last dim, or absent."""
-    module = _optional(module)
-    if module is not None and not isinstance(module, nn.LayerNorm):
-        raise UnsupportedModelError(f"{where} is {type(module).__name__}, not a LayerNorm")
-    return module
 
 
 def _layer_scale(module: nn.Module, where: str) -> Tensor | None:
@@ -94,9 +84,9 @@ def _read_attention(i: int, attn: nn.Module) -> Attention:
         attn.proj.weight,
         attn.proj.bias,
         scale=float(attn.scale),
-        q_norm=_optional(attn.q_norm),
-        k_norm=_optional(attn.k_norm),
-        inner_norm=_layer_norm(getattr(attn, "norm", None), f"block {i}.attn.norm"),
+        q_norm=optional_module(attn.q_norm),
+        k_norm=optional_module(attn.k_norm),
+        inner_norm=layer_norm_or_none(getattr(attn, "norm", None), f"block {i}.attn.norm"),
     )
 
 
@@ -129,8 +119,8 @@ def _read_readout(model: nn.Module) -> Readout:
         )
     if pool not in ("token", "avg"):
         raise UnsupportedModelError(f"{cls} has global_pool={pool!r}; only 'token' and 'avg' are supported")
-    norm = _layer_norm(model.norm, f"{cls}.norm")
-    fc_norm = _layer_norm(model.fc_norm, f"{cls}.fc_norm")
+    norm = layer_norm_or_none(model.norm, f"{cls}.norm")
+    fc_norm = layer_norm_or_none(model.fc_norm, f"{cls}.fc_norm")
     if norm is not None and fc_norm is not None:
         raise UnsupportedModelError(f"{cls} has both a final norm and an fc_norm")
     if norm is None and fc_norm is None:
