@@ -155,6 +155,7 @@ class ResidualDataModule(L.LightningDataModule):
         shipped = self.spec.class_names and "class_names_file" not in self.dataset_options
         self._class_names: list[str] | None = list(self.spec.class_names) if shipped else None
         self._templates: list[str] = list(self.spec.templates)
+        self._listing: dict[str, Dataset] | None = None  # the parts without a transform, read once
 
     # ---------------------------------------------------------------- what the model must know
 
@@ -236,6 +237,10 @@ class ResidualDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------- building
 
     def _load_parts(self, transform) -> dict[str, Dataset]:
+        """The parts with `transform`; the transform-less listing (names, labels, the data
+        digests) is read once per process and reused."""
+        if transform is None and self._listing is not None:
+            return self._listing
         parts = load_parts(
             self.dataset,
             self.root,
@@ -250,6 +255,8 @@ class ResidualDataModule(L.LightningDataModule):
         )
         self._class_names = list(parts["train"].class_names)
         self._templates = list(parts["train"].templates)
+        if transform is None:
+            self._listing = parts
         return parts
 
     def preprocessing(self) -> str:
