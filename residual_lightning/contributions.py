@@ -91,7 +91,7 @@ class UnitLayout:
     output_dim: int
     convention: Convention = "default"
     width: int = 0
-    pool: Literal["tok", "avg_ln", "ln_avg"] = "tok"
+    pool: Literal["tok", "avg_ln", "ln_avg", "map"] = "tok"
     library: str = "open_clip"
     pooler_units: tuple[str, ...] = ()
     compact: bool = True

@@ -67,6 +67,9 @@ class Attention:
         k_norm: likewise for k.
         head_scale: (H,) factor of each head's output, or None.
         inner_norm: a LayerNorm over the H*d concatenated head outputs before `out_weight`, or None.
+        rope: a position-dependent map applied to q and k after their norms (rotary embeddings),
+            called as ``rope(t, rows)`` with t (N, H, T', d) holding the token rows ``rows`` (a
+            slice of the token positions), or None.
     """
 
     q_weight: Tensor
@@ -82,6 +85,7 @@ class Attention:
     k_norm: Module | None = None
     head_scale: Tensor | None = None
     inner_norm: nn.LayerNorm | None = None
+    rope: Callable[[Tensor, slice], Tensor] | None = None
 
     @property
     def heads(self) -> int:
@@ -91,8 +95,12 @@ class Attention:
     def head_width(self) -> int:
         return self.q_weight.shape[1]
 
-    def project(self, x: Tensor, which: str) -> Tensor:
-        """q, k or v of tokens x (N, T, W) as (N, H, T, d)."""
+    def project(self, x: Tensor, which: str, rows: slice | None = None) -> Tensor:
+        """q, k or v of tokens x (N, T, W) as (N, H, T, d).
+
+        ``rows`` says which token positions x holds (all: None), for `rope`; query tokens that are
+        not image tokens (an attention pooler's latent) pass ``rows=None`` and get no `rope`.
+        """
         weight, bias = getattr(self, f"{which}_weight"), getattr(self, f"{which}_bias")
         n, t, w = x.shape
         # One (H*d, W) matmul per projection, as the libraries compute it.
@@ -100,19 +108,30 @@ class Attention:
         out = F.linear(x, weight.reshape(-1, w).to(x.dtype), bias)  # (N, T, H*d)
         out = out.reshape(n, t, self.heads, -1).transpose(1, 2)  # (N, H, T, d)
         norm = getattr(self, f"{which}_norm", None)
-        return norm(out) if norm is not None else out
+        out = norm(out) if norm is not None else out
+        if self.rope is not None and which != "v" and rows is not None:
+            out = self.rope(out, rows)
+        return out
 
-    def context(self, x: Tensor, queries: int | slice | None = None) -> Tensor:
+    def context(
+        self, x: Tensor, queries: int | slice | None = None, query_tokens: Tensor | None = None
+    ) -> Tensor:
         """Per-head attention outputs (N, H, Tq, d) for the query rows `queries` (all: None).
 
         Args:
             x: the normed tokens (N, T, W); keys and values are always all of them.
             queries: None (every token), n (the first n) or a slice of the token rows.
+            query_tokens: (N, Q, W) tokens the queries come from instead of x's rows (an
+                attention pooler's latent queries); no `rope` is applied to them.
         """
         if isinstance(queries, int):
             queries = slice(0, queries)
-        q = self.project(x if queries is None else x[:, queries], "q")  # (N, H, Tq, d)
-        k, v = self.project(x, "k"), self.project(x, "v")  # (N, H, T, d)
+        every = slice(0, x.shape[1])
+        if query_tokens is not None:
+            q = self.project(query_tokens, "q")  # (N, H, Q, d)
+        else:
+            q = self.project(x if queries is None else x[:, queries], "q", queries or every)  # (N, H, Tq, d)
+        k, v = self.project(x, "k", every), self.project(x, "v")  # (N, H, T, d)
         ctx = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (N, H, Tq, d)
         if self.head_scale is not None:
             ctx = ctx * self.head_scale.to(ctx.dtype)[None, :, None, None]
@@ -164,36 +183,83 @@ class Block:
 
 
 @dataclass
+class MapPool:
+    """An attention pooler (MAP: timm's ``AttentionPoolLatent``, SigLIP's pooling head).
+
+    Learned latent queries attend over the (per-token normed) tokens; the result goes through
+    the out-projection, then through its own pre-norm MLP with a residual:
+
+        p = attention(latent -> tokens)        # (N, Q, W)
+        p = p + mlp(norm(p))                   # norm/mlp absent: p
+        pooled = p[:, 0]  or  p.mean(1)        # (N, W)
+
+    Attributes:
+        latent: (Q, W) learned query tokens.
+        attention: the pool's attention in per-head form (q from `latent`, k/v from the tokens).
+        norm: the LayerNorm before the pool's MLP, or None.
+        mlp: the pool's MLP used as a function, or None (no MLP branch).
+        reduce: ``"first"`` (latent query 0) or ``"mean"`` (mean over the Q latent queries).
+    """
+
+    latent: Tensor
+    attention: Attention
+    norm: nn.LayerNorm | None
+    mlp: Module | None
+    reduce: Literal["first", "mean"] = "first"
+
+    def attend(self, x: Tensor) -> Tensor:
+        """The attention part (N, Q, W) over tokens x (N, T, W), before the MLP branch."""
+        n = x.shape[0]
+        latent = self.latent.to(x.dtype).reshape(1, -1, x.shape[-1]).expand(n, -1, -1)  # (N, Q, W)
+        ctx = self.attention.context(x, query_tokens=latent)  # (N, H, Q, d)
+        ctx = ctx.transpose(1, 2).reshape(n, latent.shape[1], -1)  # (N, Q, H*d)
+        if self.attention.inner_norm is not None:
+            ctx = self.attention.inner_norm(ctx)
+        return F.linear(ctx, self.attention.out_weight, self.attention.out_bias)  # (N, Q, W)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        p = self.attend(x)  # (N, Q, W)
+        if self.mlp is not None:
+            p = p + self.mlp(self.norm(p) if self.norm is not None else p)
+        return p[:, 0] if self.reduce == "first" else p.mean(1)  # (N, W)
+
+
+@dataclass
 class Readout:
     """How the image embedding is read from the final stream.
 
     Attributes:
-        pool: ``"tok"`` (token 0) or ``"avg"`` (mean of the tokens after the prefix tokens).
+        pool: ``"tok"`` (token 0), ``"avg"`` (mean of the tokens after the prefix tokens) or
+            ``"map"`` (`map_pool` over every token after a per-token final norm).
         norm: the final LayerNorm.
         norm_after_pool: True: pool, then norm (one sigma per image); False: norm every token,
             then pool (identical for ``tok``).
         proj: (W, D) projection.
         proj_bias: (D,) or None.
         num_prefix_tokens: class/register tokens skipped by ``avg``.
+        map_pool: the attention pooler of ``pool="map"`` (None otherwise).
     """
 
-    pool: Literal["tok", "avg"]
+    pool: Literal["tok", "avg", "map"]
     norm: nn.LayerNorm
     proj: Tensor
     norm_after_pool: bool = False
     proj_bias: Tensor | None = None
     num_prefix_tokens: int = 1
+    map_pool: MapPool | None = None
 
     @property
-    def layout_pool(self) -> Literal["tok", "avg_ln", "ln_avg"]:
+    def layout_pool(self) -> Literal["tok", "avg_ln", "ln_avg", "map"]:
         """The `UnitLayout.pool` name of this readout."""
-        if self.pool == "tok":
-            return "tok"
+        if self.pool in ("tok", "map"):
+            return self.pool
         return "avg_ln" if self.norm_after_pool else "ln_avg"
 
     @property
     def rows(self) -> slice:
         """The token rows the readout reads: token 0, or every token after the prefix."""
+        if self.pool == "map":
+            return slice(0, None)
         return slice(0, 1) if self.pool == "tok" else slice(self.num_prefix_tokens, None)
 
     def pool_rows(self, rows: Tensor) -> Tensor:
@@ -206,7 +272,10 @@ class Readout:
         return self.pool_rows(x[:, self.rows])
 
     def __call__(self, x: Tensor) -> Tensor:
-        pooled = self.norm(self.tokens(x)).mean(1)  # (N, W)
+        if self.pool == "map":
+            pooled = self.map_pool(self.norm(x))  # (N, W)
+        else:
+            pooled = self.norm(self.tokens(x)).mean(1)  # (N, W)
         out = pooled @ self.proj.to(pooled.dtype)  # (N, D)
         return out + self.proj_bias.to(out.dtype) if self.proj_bias is not None else out
 

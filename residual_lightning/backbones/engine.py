@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from residual_lightning.backbones.canonical import Block, CanonicalViT
+from residual_lightning.backbones.canonical import Block, CanonicalViT, UnsupportedModelError
 from residual_lightning.contributions import CONVENTIONS, Contributions, Convention, UnitContributions
 
 __all__ = ["decompose", "decompose_compact"]
@@ -142,6 +142,10 @@ def decompose_compact(
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
+    if canonical.readout.pool == "map":
+        raise UnsupportedModelError(
+            f"{canonical.library} {canonical.name}: attention-pooled (MAP) readouts are not decomposed yet"
+        )
     layout = canonical.layout(convention)
     acts = _run(canonical, images)
     with torch.autocast(device_type=images.device.type, enabled=False):
