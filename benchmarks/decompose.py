@@ -6,7 +6,16 @@ the extra memory is the peak resident set size during one call (sampled every mi
 measured in one process, the two functions interleaved, and the ratio is the median of per-pair
 ratios, so that load from other processes hits both alike. Random weights (nothing is downloaded). Usage:
 
-    python benchmarks/decompose.py [--models ViT-B-32 ViT-B-16] [--batch 32] [--threads 2]
+    python benchmarks/decompose.py [--models ViT-B-32 ViT-B-16 timm:vit_base_patch16_224 hf:dinov2-b] [--batch 32] [--threads 2]
+
+A row is ``library:model`` (a bare name is open_clip). open_clip rows compare ``encode_image`` with
+`residual_lightning.units.decompose`; timm rows (``VisionTransformer`` and ``Eva``, e.g.
+``timm:eva02_base_patch14_224``) and Hugging Face rows (``hf:clip-vit-b-16``, ``hf:dinov2-b``, ...,
+random weights from configs with the public checkpoints' sizes, see `_HF_VISION`) compare the
+library's own embedding (`backbones.dispatch.model_embedding`) with
+``decompose_compact(read_model(model), x)``. The ``encode_image`` columns hold each library's own
+embedding call. Another library is one `register` line (see `SETUPS`).
+Quick check: ``--models RL-Tiny-ViT-64 timm:vit_tiny_patch16_224 --batch 2 --repeats 2``.
 """
 
 from __future__ import annotations
@@ -18,22 +27,145 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+
+# --- rows: one setup per library ----------------------------------------------------------------
+# A setup takes (model name, batch) and returns (encode, decompose): two zero-argument calls on the
+# same model and the same batch of random images, built once (random weights, eval mode). A row is
+# ``library:model`` (no prefix: open_clip); adding a library is one `register` line.
+
+Calls = tuple[Callable[[], object], Callable[[], object]]
+SETUPS: dict[str, Callable[[str, int], Calls]] = {}
+DEFAULT_ROWS = ["ViT-B-32", "ViT-B-16", "timm:vit_base_patch16_224"]
 
 
-def _child(model_name: str, fn: str, batch: int, threads: int, repeats: int) -> dict:
-    """Peak memory of one function in a fresh process (fn: encode_image or decompose)."""
-    import open_clip
+def register(library: str, setup: Callable[[str, int], Calls]) -> None:
+    """Make rows ``library:model`` run through `setup` (model name, batch) -> (encode, decompose)."""
+    SETUPS[library] = setup
+
+
+def _images(batch: int, size: int):
     import torch
 
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _open_clip_setup(model_name: str, batch: int) -> Calls:
+    """open_clip: ``encode_image`` vs `residual_lightning.units.decompose`."""
+    import open_clip
+
+    from residual_lightning.backbones.loading import register_model_configs
     from residual_lightning.units import decompose
 
+    register_model_configs()  # the shipped tiny configs (RL-Tiny-ViT-64) for quick runs
+    model = open_clip.create_model(model_name, pretrained=None).eval()
+    x = _images(batch, model.visual.image_size[0])
+    return (lambda: model.encode_image(x)), (lambda: decompose(model, x))
+
+
+def _dispatch_calls(model, x) -> Calls:
+    """The library's own embedding (`dispatch.model_embedding`) vs `decompose_compact(read_model(model))`.
+
+    Every library goes through the same code: `read_model` picks the reader, `model_embedding` the
+    library's own forward (timm ``forward_head(forward_features(x), pre_logits=True)``, Hugging Face
+    `hf_image_features`). Reading the model is part of the decompose call, as in `units.decompose`.
+    """
+    from residual_lightning.backbones.dispatch import model_embedding, read_model
+    from residual_lightning.backbones.engine import decompose_compact
+
+    return (lambda: model_embedding(model, x)), (lambda: decompose_compact(read_model(model), x))
+
+
+def _timm_setup(model_name: str, batch: int) -> Calls:
+    """timm ``VisionTransformer`` or ``Eva`` (e.g. ``eva02_base_patch14_224``), by `read_model`."""
+    import timm
+
+    model = timm.create_model(model_name, pretrained=False).eval()
+    return _dispatch_calls(model, _images(batch, model.patch_embed.img_size[0]))
+
+
+# Hugging Face rows: random-weight models from configs with the public checkpoints' sizes (the
+# numbers of each model card's config.json); only the vision side matters, so text towers are small.
+_HF_SMALL_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    vocab_size=64,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+_HF_VISION = {  # name -> (vision sizes: width, layers, heads, patch, image)
+    "clip-vit-b-16": (768, 12, 12, 16, 224),  # openai/clip-vit-base-patch16
+    "clip-vit-l-14": (1024, 24, 16, 14, 224),  # openai/clip-vit-large-patch14
+    "dinov2-b": (768, 12, 12, 14, 224),  # facebook/dinov2-base (224 px instead of 518)
+    "dinov2-l": (1024, 24, 16, 14, 224),  # facebook/dinov2-large (224 px instead of 518)
+    "vit-b-16": (768, 12, 12, 16, 224),  # google/vit-base-patch16-224
+    "blip-itm-b": (768, 12, 12, 16, 384),  # Salesforce/blip-itm-base-coco
+    "siglip-b-16": (768, 12, 12, 16, 224),  # google/siglip-base-patch16-224 (MAP pooling)
+}
+
+
+def _hf_model(name: str):
+    import transformers as tf
+
+    if name not in _HF_VISION:
+        raise SystemExit(f"unknown hf row {name!r}; known: {', '.join(_HF_VISION)}")
+    width, layers, heads, patch, image = _HF_VISION[name]
+    sizes = dict(num_hidden_layers=layers, num_attention_heads=heads, patch_size=patch, image_size=image)
+    vision = dict(sizes, hidden_size=width, intermediate_size=4 * width)
+    family = name.split("-")[0]
+    if family == "clip":
+        text = dict(_HF_SMALL_TEXT, max_position_embeddings=16)
+        proj = 512 if width == 768 else 768
+        config = tf.CLIPConfig(vision_config=vision, text_config=text, projection_dim=proj)
+        return tf.CLIPModel._from_config(config), image
+    if family == "dinov2":
+        config = tf.Dinov2Config(hidden_size=width, mlp_ratio=4, layerscale_value=1.0, **sizes)
+        return tf.Dinov2Model._from_config(config), image
+    if family == "vit":
+        return tf.ViTModel._from_config(tf.ViTConfig(**vision), add_pooling_layer=False), image
+    if family == "blip":
+        text = dict(_HF_SMALL_TEXT, max_position_embeddings=64, encoder_hidden_size=width, sep_token_id=3)
+        config = tf.BlipConfig(vision_config=vision, text_config=text, image_text_hidden_size=256)
+        model = tf.BlipForImageTextRetrieval._from_config(config, attn_implementation="eager")
+        return model, image
+    text = dict(_HF_SMALL_TEXT, max_position_embeddings=16, projection_size=width)
+    return tf.SiglipModel._from_config(tf.SiglipConfig(vision_config=vision, text_config=text)), image
+
+
+def _hf_setup(model_name: str, batch: int) -> Calls:
+    """Hugging Face (``hf:clip-vit-b-16``, ``hf:dinov2-b``, ...; see `_HF_VISION`), by `read_model`."""
+    model, image = _hf_model(model_name)
+    return _dispatch_calls(model.eval(), _images(batch, image))
+
+
+register("open_clip", _open_clip_setup)
+register("timm", _timm_setup)
+register("hf", _hf_setup)
+
+
+def _setup(row: str, batch: int, threads: int) -> Calls:
+    """The two calls of a row (``library:model``, or a bare open_clip model name)."""
+    import torch
+
+    library, _, name = row.rpartition(":")
+    library = library or "open_clip"
+    if library not in SETUPS:
+        raise SystemExit(f"unknown library {library!r} in row {row!r}; registered: {', '.join(SETUPS)}")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = open_clip.create_model(model_name, pretrained=None).eval()
-    size = model.visual.image_size[0]
-    x = torch.randn(batch, 3, size, size)
+    return SETUPS[library](name, batch)
+
+
+def _child(row: str, fn: str, batch: int, threads: int, repeats: int) -> dict:
+    """Peak memory of one function in a fresh process (fn: encode_image or decompose)."""
+    import torch
+
+    encode, decompose = _setup(row, batch, threads)
     with _PeakRSS() as peak, torch.inference_mode():
-        model.encode_image(x) if fn == "encode_image" else decompose(model, x)
+        encode() if fn == "encode_image" else decompose()
     return {"extra_mb": peak.extra / 2**20}
 
 
@@ -66,19 +198,12 @@ class _PeakRSS:
         self.extra = self.peak - self.start
 
 
-def _timing(model_name: str, batch: int, threads: int, repeats: int) -> dict:
+def _timing(row: str, batch: int, threads: int, repeats: int) -> dict:
     """Median times of both functions, interleaved in one process so load changes hit both alike."""
-    import open_clip
     import torch
 
-    from residual_lightning.units import decompose
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = open_clip.create_model(model_name, pretrained=None).eval()
-    size = model.visual.image_size[0]
-    x = torch.randn(batch, 3, size, size)
-    calls = {"encode_image": lambda: model.encode_image(x), "decompose": lambda: decompose(model, x)}
+    encode, decompose = _setup(row, batch, threads)
+    calls = {"encode_image": encode, "decompose": decompose}
     times: dict[str, list[float]] = {k: [] for k in calls}
     ratios = []
     with torch.inference_mode():
@@ -98,7 +223,13 @@ def _timing(model_name: str, batch: int, threads: int, repeats: int) -> dict:
 def main() -> None:
     """Run every model in subprocesses and print a markdown table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16"])
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=DEFAULT_ROWS,
+        help="rows: open_clip model names, or library:model with library one of "
+        f"{', '.join(SETUPS)} (default: %(default)s)",
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)

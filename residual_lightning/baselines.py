@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from .contributions import Contributions
+from .contributions import Contributions, cast_maps, shared_maps, sum_heads
 from .transform import Adapter, AdapterOptions, Init, float_dtype, init_lambdas, nan_where, transform_dense
 from .unit_bases import PCABasis, UnitBases
 
@@ -86,7 +86,7 @@ class CoarseAdapter(Adapter):
             )
         else:
             raise ValueError(f"unknown init {init!r} for coarse; valid: ones, normal")
-        self.register_buffer("head_maps", head_maps.to(dtype))  # (L, H, D, k)
+        self.register_buffer("head_maps", cast_maps(head_maps, dtype), persistent=not shared_maps(head_maps))
         start = w.to(dtype=dtype, device=head_maps.device)  # (L, H)
         self.head_weights = nn.Parameter(start.clone())
         self._record_initial("head_weights_init", start, w)
@@ -98,7 +98,7 @@ class CoarseAdapter(Adapter):
             batch: cached contributions.
         """
         y = batch.heads.to(self.head_maps.dtype)  # (N, L, H, k)
-        return torch.einsum("lhdk,nlhk->nd", self.head_maps, y * self.head_weights[..., None])
+        return sum_heads(self.head_maps, y * self.head_weights[..., None])
 
     def num_learned(self) -> int:
         """L*H."""
@@ -152,7 +152,7 @@ class LinearAdapter(Adapter):
         super().__init__()
         dim = head_maps.shape[2]
         dtype = float_dtype(head_maps)
-        self.register_buffer("head_maps", head_maps.to(dtype))  # (L, H, D, k)
+        self.register_buffer("head_maps", cast_maps(head_maps, dtype), persistent=not shared_maps(head_maps))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.linear = nn.Linear(dim, dim, dtype=dtype, device=head_maps.device)
@@ -237,7 +237,7 @@ class SpectralAdapter(Adapter):
             )
         lam = init_lambdas(init, basis, n_samples, torch.Generator().manual_seed(seed))
         self.add_mean, self.init = add_mean, init
-        self.register_buffer("head_maps", head_maps.to(dtype))  # (L, H, D, k)
+        self.register_buffer("head_maps", cast_maps(head_maps, dtype), persistent=not shared_maps(head_maps))
         self.register_buffer("components", basis.components)  # (K, D)
         self.register_buffer("mean", basis.mean)  # (D,)
         self.register_buffer("select", basis.mask)  # (K,)
@@ -315,7 +315,8 @@ class ZeroShotAdapter(Adapter):
 
     def __init__(self, head_maps: Tensor) -> None:
         super().__init__()
-        self.register_buffer("head_maps", head_maps.to(float_dtype(head_maps)))  # (L, H, D, k)
+        maps = cast_maps(head_maps, float_dtype(head_maps))  # (L, H, D, k); the identity: a view, not stored
+        self.register_buffer("head_maps", maps, persistent=not shared_maps(maps))
 
     def forward(self, batch: Contributions) -> Tensor:
         """The embedding (N, D).

@@ -29,7 +29,7 @@ def text_classifier(
     batch_size: int = 256,
     progress: bool = False,
 ) -> Tensor:
-    """(C, D) normalised mean text embedding per class.
+    """(C, D) normalised mean text embedding per class, from an open_clip model and tokenizer.
 
     Args:
         model: an open_clip CLIP with a text tower.
@@ -37,16 +37,33 @@ def text_classifier(
         class_names: C names.
         templates: prompt templates with one ``{}``.
         batch_size: prompts per forward pass.
-        progress: show a progress bar over classes.
+        progress: show a progress bar over prompts.
     """
+    device = next(model.parameters()).device
+
+    def encode(texts: list[str]) -> Tensor:
+        return F.normalize(model.encode_text(tokenizer(texts).to(device)).float(), dim=-1)
+
+    return _classifier(encode, class_names, templates, batch_size, progress)
+
+
+@torch.inference_mode()
+def backbone_text_classifier(
+    backbone, class_names: list[str], templates: list[str], batch_size: int = 256, progress: bool = False
+) -> Tensor:
+    """(C, D) text classifier of a loaded `Backbone` of any library with a text tower."""
+    return _classifier(backbone.text_features, class_names, templates, batch_size, progress)
+
+
+def _classifier(
+    encode, class_names: list[str], templates: list[str], batch_size: int, progress: bool
+) -> Tensor:
     if not class_names or not templates:
         raise ValueError("a text classifier needs at least one class name and one template")
-    device = next(model.parameters()).device
     prompts = [t.format(c) for c in class_names for t in templates]
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="text classifier", disable=not progress):
-        tokens = tokenizer(prompts[start : start + batch_size]).to(device)
-        out.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+        out.append(F.normalize(encode(prompts[start : start + batch_size]).float(), dim=-1))
     emb = torch.cat(out).reshape(len(class_names), len(templates), -1)  # (C, T, D)
     return F.normalize(emb.mean(1), dim=-1)  # (C, D)
 
@@ -66,15 +83,19 @@ def prototypes(embeddings: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     return F.normalize(sums / counts[:, None], dim=-1)
 
 
-def classifier_key(weights_id: str, model_name: str, class_names: list[str], templates: list[str]) -> str:
-    """Digest identifying a text classifier."""
-    blob = json.dumps([model_name, weights_id, class_names, templates]).encode()
+def classifier_key(
+    weights_id: str, model_name: str, class_names: list[str], templates: list[str], library: str = "open_clip"
+) -> str:
+    """Digest identifying a text classifier (open_clip keys are those of earlier releases)."""
+    parts = [model_name, weights_id, class_names, templates] + ([library] if library != "open_clip" else [])
+    blob = json.dumps(parts).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def classifier_path(cache_dir: str | Path, backbone, class_names: list[str], templates: list[str]) -> Path:
     """Where the text classifier of a backbone (or its spec), class names and templates is cached."""
-    digest = classifier_key(backbone.weights_id, backbone.model_name, class_names, templates)
+    library = getattr(backbone, "library", "open_clip")
+    digest = classifier_key(backbone.weights_id, backbone.model_name, class_names, templates, library)
     return Path(cache_dir) / f"classifier-{digest}.safetensors"
 
 
@@ -84,7 +105,8 @@ def load_or_build_classifier(
     templates: list[str],
     cache_dir: str | Path,
     on_mismatch: OnMismatch = "error",
-) -> tuple[Tensor, float]:
+    with_bias: bool = False,
+) -> tuple:
     """The cached text classifier of a backbone, built on first use, verified on every read.
 
     Args:
@@ -96,8 +118,11 @@ def load_or_build_classifier(
         on_mismatch: a cached file failing its checks (truncated, altered, another key or format)
             raises (``error``) or is rebuilt with a warning (``rebuild``).
 
+        with_bias: also return the model's logit bias (SigLIP; None for softmax models).
+
     Returns:
-        ``(weights (C, D), logit_scale)`` where logit_scale is ``model.logit_scale.exp()``.
+        ``(weights (C, D), logit_scale)`` where logit_scale is the model's (``logit_scale.exp()``),
+        and ``logit_bias`` last with `with_bias`.
     """
     key = {
         "model_name": backbone.model_name,
@@ -105,19 +130,25 @@ def load_or_build_classifier(
         "class_names": list(class_names),
         "templates": list(templates),
     }
+    if getattr(backbone, "library", "open_clip") != "open_clip":
+        key["library"] = backbone.library
 
-    def load(path: Path) -> tuple[Tensor, float]:
+    def load(path: Path) -> tuple:
         tensors, _ = load_tensors(path, "classifier", key)
-        return tensors["weights"], float(tensors["logit_scale"])
+        bias = float(tensors["logit_bias"]) if "logit_bias" in tensors else None
+        return tensors["weights"], float(tensors["logit_scale"]), bias
 
-    def build(path: Path) -> tuple[Tensor, float]:
+    def build(path: Path) -> tuple:
         bb = backbone if hasattr(backbone, "model") else backbone.load()
-        weights = text_classifier(bb.model, bb.tokenizer, class_names, templates, progress=True).cpu()
-        scale = getattr(bb.model, "logit_scale", None)
-        logit_scale = float(scale.exp()) if scale is not None else 100.0
-        save_tensors(path, {"weights": weights, "logit_scale": torch.tensor(logit_scale)}, "classifier", key)
-        return weights, logit_scale
+        weights = backbone_text_classifier(bb, class_names, templates, progress=True).cpu()
+        logit_scale, logit_bias = bb.logit_scale_bias()
+        tensors = {"weights": weights, "logit_scale": torch.tensor(logit_scale)}
+        if logit_bias is not None:  # SigLIP: sigmoid(scale * cos + bias)
+            tensors["logit_bias"] = torch.tensor(logit_bias)
+        save_tensors(path, tensors, "classifier", key)
+        return weights, logit_scale, logit_bias
 
-    return load_or_build(
+    weights, scale, bias = load_or_build(
         classifier_path(cache_dir, backbone, class_names, templates), load, build, on_mismatch
     )
+    return (weights, scale, bias) if with_bias else (weights, scale)

@@ -29,7 +29,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from residual_lightning.contributions import Contributions
+from residual_lightning.contributions import Contributions, UnitForm
 from residual_lightning.units import BackboneSpec
 
 LAMBDA_WARN = 1e4  # a learned scale beyond this means the learning rate is far too high
@@ -77,6 +77,17 @@ def read_hparams(path: str | Path) -> dict:
     return dict(ckpt.get("hyper_parameters") or {})
 
 
+def _plain_form(form) -> dict | None:
+    """A `UnitForm` as plain values (None when there is none): what hparams and checks compare."""
+    if not form:
+        return None
+    return {
+        "compact": bool(form.get("compact", True)),
+        "head_width": int(form["head_width"]),
+        "pooler_units": [str(n) for n in form.get("pooler_units", [])],
+    }
+
+
 def _imported(path: str) -> type | None:
     """The class a class path names, if its module is imported (nothing is imported here)."""
     module, _, name = path.rpartition(".")
@@ -100,6 +111,8 @@ class ClassifierModule(L.LightningModule, ABC):
         class_names: class names (linked from the data module).
         shape: ``(L, H, k, D)`` of the backbone's units (linked from the data module).
         convention: decomposition convention of the caches (linked from the data module).
+        unit_form: what `shape` leaves out of the layout (`UnitLayout.form`: pooler units and
+            full-form heads of MAP readouts; None for a compact layout; linked from the data module).
     """
 
     data_mode: ClassVar[Literal["cache", "images"]] = "cache"  # what it trains on: the CLI sets data.mode
@@ -115,6 +128,7 @@ class ClassifierModule(L.LightningModule, ABC):
         class_names: list[str] | None = None,
         shape: tuple[int, int, int, int] | None = None,
         convention: Literal["default", "equal_share"] = "default",
+        unit_form: UnitForm | None = None,
     ) -> None:
         super().__init__()
         if not class_names:
@@ -137,10 +151,13 @@ class ClassifierModule(L.LightningModule, ABC):
         self.optimizer_factory = optimizer
         self.logit_mode = logit_mode
         self.backbone_spec = backbone or BackboneSpec()
+        self.unit_form = _plain_form(unit_form)
         self.class_names = list(class_names)
         num_classes, dim = len(class_names), shape[3]
         self.register_buffer("classifier", torch.zeros(num_classes, dim))  # (C, D)
         self.register_buffer("logit_scale", torch.tensor(100.0))
+        # SigLIP's logit bias (sigmoid probabilities); NaN: none, class probabilities by softmax.
+        self.register_buffer("logit_bias", torch.tensor(float("nan")))
         self.register_buffer("ready", torch.tensor(False))  # frozen tensors filled in
         self._backbone: nn.Module | None = None  # not a submodule: kept out of the state_dict
         self._first_loss: float | None = None  # mean train loss of the first epoch (divergence check)
@@ -216,6 +233,12 @@ class ClassifierModule(L.LightningModule, ABC):
             return z @ self.classifier.T
         return self.logit_scale * F.normalize(z, dim=-1) @ self.classifier.T
 
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """Class probabilities: softmax, or per-class sigmoid(logits + bias) for a SigLIP tower."""
+        if torch.isfinite(self.logit_bias):
+            return torch.sigmoid(logits + self.logit_bias)
+        return logits.softmax(-1)
+
     def logits_from_images(self, images: Tensor) -> Tensor:
         """(N, C) logits of preprocessed images."""
         return self.logits_from_embedding(self.encode_image(images))
@@ -261,7 +284,7 @@ class ClassifierModule(L.LightningModule, ABC):
             images, labels = batch[0], batch[1]
             index = batch[2] if len(batch) > 2 else None
             logits = self.logits_from_images(images)
-        out = {"probs": logits.softmax(-1), "labels": labels}
+        out = {"probs": self.probabilities(logits), "labels": labels}
         if index is not None:
             out["index"] = index
         return out
@@ -402,6 +425,8 @@ class ClassifierModule(L.LightningModule, ABC):
 
         where = getattr(self._trainer, "ckpt_path", None) or "checkpoint"
         check_stamp(checkpoint, where)
+        # Checkpoints of earlier releases have no logit bias: softmax probabilities, as then.
+        checkpoint.get("state_dict", {}).setdefault("logit_bias", torch.tensor(float("nan")))
         saved = checkpoint.get("hyper_parameters", {})
         written_by = checkpoint_class_path(saved)
         cls = _imported(written_by)
@@ -428,13 +453,15 @@ class ClassifierModule(L.LightningModule, ABC):
             "backbone": asdict(self.backbone_spec),
             "method": self.method,
             "shape": tuple(self.hparams.shape),
+            "unit_form": self.unit_form,
         }
         theirs = {
             "backbone": saved.get("backbone"),
             "method": saved.get("method"),
             "shape": tuple(saved["shape"]) if saved.get("shape") is not None else None,
+            "unit_form": _plain_form(saved.get("unit_form")),
         }
-        for field in ("backbone", "method", "shape"):
+        for field in ("backbone", "method", "shape", "unit_form"):
             if theirs[field] is not None and theirs[field] != mine[field]:
                 raise ValueError(
                     f"checkpoint was trained with {field}={theirs[field]}, but this run has {field}={mine[field]}: "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypedDict
 
 import torch
 from torch import Tensor
@@ -64,6 +64,21 @@ def parse_unit(name: str) -> UnitRef:
     return UnitRef("head", int(m["layer"]), int(m["head"]))
 
 
+class UnitForm(TypedDict, total=False):
+    """What a layout's ``(L, H, k, D)`` shape leaves out (`UnitLayout.form`).
+
+    Attributes:
+        compact: whether heads have the compact ``head_maps @ y`` form (False: heads are stored
+            as (N, L, H, D), their head maps the identity, never stored).
+        head_width: d, the width of one head (k = D in the full form says nothing of it).
+        pooler_units: names of the pooler's units, after the heads.
+    """
+
+    compact: bool
+    head_width: int
+    pooler_units: list[str]
+
+
 @dataclass(frozen=True)
 class UnitLayout:
     """Shape and names of a ViT's residual units.
@@ -97,13 +112,51 @@ class UnitLayout:
     compact: bool = True
 
     @classmethod
-    def from_shape(cls, shape: Sequence[int], convention: Convention = "default") -> UnitLayout:
-        """The layout of a compact ``(L, H, k, D)`` shape (what caches and checkpoints record)."""
+    def from_shape(
+        cls, shape: Sequence[int], convention: Convention = "default", form: UnitForm | None = None
+    ) -> UnitLayout:
+        """The layout of an ``(L, H, k, D)`` shape and its `form` (what caches and checkpoints record).
+
+        Args:
+            shape: ``(L, H, k, D)``.
+            convention: the decomposition convention.
+            form: `UnitLayout.form` of a layout with pooler units or full-form heads (None: a
+                compact layout without pooler units, whose shape says everything).
+
+        Raises:
+            ValueError: k too small for the convention, or a full form whose k is not D.
+        """
         layers, heads, k, dim = (int(v) for v in shape)
+        if form:
+            compact = bool(form.get("compact", True))
+            pooler = tuple(str(n) for n in form.get("pooler_units", ()))
+            if not compact:
+                if k != dim:
+                    raise ValueError(f"shape {tuple(shape)} of full-form heads must have k = D = {dim}")
+                width = int(form["head_width"])
+                return cls(layers, heads, width, dim, convention, pooler_units=pooler, compact=False)
+        else:
+            pooler = ()
         extra = EQUAL_SHARE_EXTRA if convention == "equal_share" else 0
         if k - extra < 1:
             raise ValueError(f"shape {tuple(shape)} has k={k}, too small for the {convention} convention")
-        return cls(layers, heads, k - extra, dim, convention)
+        return cls(layers, heads, k - extra, dim, convention, pooler_units=pooler)
+
+    @property
+    def form(self) -> UnitForm | None:
+        """What `shape` leaves out, as plain values (None for a compact layout without pooler units).
+
+        ``{"compact": ..., "head_width": d, "pooler_units": [...]}``: a data module links it into
+        the model beside `shape`, checkpoints and cache metadata record it, and `from_shape`
+        rebuilds the layout from both.
+        """
+        if self.compact and not self.pooler_units:
+            return None
+        return {
+            "compact": self.compact,
+            "head_width": self.head_width,
+            "pooler_units": list(self.pooler_units),
+        }
 
     def with_convention(self, convention: Convention) -> UnitLayout:
         """The same units under another convention."""
@@ -111,12 +164,14 @@ class UnitLayout:
 
     @property
     def k(self) -> int:
-        """Compact head width: d, or d + 3 under ``equal_share``."""
+        """Width of the stored head coordinates: d, or d + 3 under ``equal_share``; D in the full form."""
+        if not self.compact:
+            return self.output_dim
         return self.head_width + (EQUAL_SHARE_EXTRA if self.convention == "equal_share" else 0)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        """``(L, H, k, D)``."""
+        """``(L, H, k, D)`` (k = D for full-form heads: see `form`)."""
         return (self.layers, self.heads, self.k, self.output_dim)
 
     @property
@@ -191,6 +246,10 @@ class Contributions:
     The image embedding is ``emb + mlps.sum(1) + einsum("lhdk,nlhk->nd", head_maps, heads)``
     (`embedding`); ``head_maps`` (L, H, D, k) is fixed per backbone, so a cache stores it once and
     a model keeps it as a buffer: batches read from a cache carry none and take the model's.
+    Pooler units (names after the heads, e.g. ``pool.mlp`` of a MAP readout) are (N, D) tensors
+    in `extra` by name and are part of `embedding` and `expand`. Without a compact form
+    (``UnitLayout.compact`` False, MAP readouts) ``heads`` is (N, L, H, D) and ``head_maps`` is
+    the identity expanded over (L, H) (a view: one (D, D) matrix in memory).
 
     Attributes:
         heads: (N, L, H, k) head coordinates y.
@@ -200,7 +259,8 @@ class Contributions:
         head_maps: (L, H, D, k) fixed maps: head (l, h)'s contribution is ``head_maps[l, h] @ y``.
         names: the U unit names (`UnitLayout.names`).
         convention: the convention the constant terms were split with.
-        extra: whatever a reader adds (e.g. pooler units' (N, D) contributions by name).
+        extra: whatever a reader adds: pooler units' (N, D) contributions by name (tensors here
+            follow `to`, `float` and indexing).
     """
 
     heads: Tensor
@@ -219,28 +279,54 @@ class Contributions:
         maps = head_maps if head_maps is not None else self.head_maps
         if maps is None:
             raise ValueError("these contributions carry no head_maps: pass the cache's or model's")
+        if _shared(maps):  # one map for every head (the full form's identity): cast it once
+            return maps[0, 0].to(self.heads.dtype).expand(maps.shape)
         return maps.to(self.heads.dtype)
 
     def head_contributions(self, head_maps: Tensor | None = None) -> Tensor:
         """(N, L, H, D) contributions of every head."""
-        return torch.einsum("lhdk,nlhk->nlhd", self._maps(head_maps), self.heads)  # (N, L, H, D)
+        maps = self._maps(head_maps)
+        if _shared(maps):
+            return self.heads @ maps[0, 0].T  # (N, L, H, D)
+        return torch.einsum("lhdk,nlhk->nlhd", maps, self.heads)  # (N, L, H, D)
+
+    def pooler_names(self) -> list[str]:
+        """The pooler units among `names` (after the heads); their (N, D) contributions are in `extra`."""
+        layers, heads = self.heads.shape[1:3]
+        return list(self.names[1 + layers + layers * heads :])
+
+    def _pooler(self) -> list[Tensor]:
+        """The pooler units' (N, D) contributions, in the order of `names`."""
+        missing = [name for name in self.pooler_names() if name not in self.extra]
+        if missing:
+            raise ValueError(f"pooler units {missing} are in names but not in extra")
+        return [self.extra[name] for name in self.pooler_names()]
 
     def embedding(self, head_maps: Tensor | None = None) -> Tensor:
         """The backbone's image embedding (N, D) recomposed exactly: the sum of every unit."""
-        heads = torch.einsum("lhdk,nlhk->nd", self._maps(head_maps), self.heads)  # (N, D)
-        return self.emb + self.mlps.sum(1) + heads
+        maps = self._maps(head_maps)
+        if _shared(maps):
+            heads = self.heads.sum((1, 2)) @ maps[0, 0].T  # (N, D)
+        else:
+            heads = torch.einsum("lhdk,nlhk->nd", maps, self.heads)  # (N, D)
+        out = self.emb + self.mlps.sum(1) + heads
+        for pooled in self._pooler():
+            out = out + pooled
+        return out
 
     def expand(self, head_maps: Tensor | None = None) -> Tensor:
-        """(N, U, D) contributions in the order of `names`, exactly."""
+        """(N, U, D) contributions in the order of `names` (pooler units last), exactly."""
         n, layers, heads = self.heads.shape[:3]
         # Exactness is a float32 property: keep autocast from rounding the expansion to bf16.
         with torch.autocast(device_type=self.heads.device.type, enabled=False):
             head_c = self.head_contributions(head_maps).reshape(n, layers * heads, -1)  # (N, L*H, D)
         dtype = head_c.dtype
-        return torch.cat([self.emb[:, None].to(dtype), self.mlps.to(dtype), head_c], dim=1)
+        pooled = [p[:, None].to(dtype) for p in self._pooler()]
+        return torch.cat([self.emb[:, None].to(dtype), self.mlps.to(dtype), head_c, *pooled], dim=1)
 
     def _map(self, fn) -> Contributions:
-        return replace(self, heads=fn(self.heads), mlps=fn(self.mlps), emb=fn(self.emb))
+        extra = {k: fn(v) if isinstance(v, Tensor) else v for k, v in self.extra.items()}
+        return replace(self, heads=fn(self.heads), mlps=fn(self.mlps), emb=fn(self.emb), extra=extra)
 
     def to(self, *args, **kwargs) -> Contributions:
         """Move/cast the contributions (labels keep their dtype but follow the device)."""
@@ -265,6 +351,75 @@ class Contributions:
         out = self._map(lambda t: t[index])
         out.label = self.label[index] if self.label is not None else None
         return out
+
+
+def _shared(maps: Tensor) -> bool:
+    """Whether (L, H, D, k) head maps are one map expanded over the heads (zero strides, a view)."""
+    return maps.ndim == 4 and maps.stride(0) == 0 and maps.stride(1) == 0
+
+
+def shared_maps(maps: Tensor) -> bool:
+    """Whether (L, H, D, k) head maps are one (D, k) map expanded over (L, H) (a view, e.g. the
+    full form's identity): then they are never materialised nor stored."""
+    return _shared(maps)
+
+
+def identity_maps(
+    layers: int,
+    heads: int,
+    dim: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """The full form's (L, H, D, D) head maps: one (D, D) identity expanded over (L, H) (a view)."""
+    return torch.eye(dim, device=device, dtype=dtype).expand(layers, heads, dim, dim)
+
+
+def layout_maps(layout: UnitLayout, device=None, dtype: torch.dtype | None = None) -> Tensor:
+    """Head maps of a layout as a model starts with them: the identity view in the full form,
+    zeros (filled from a cache or checkpoint) in the compact one."""
+    layers, heads, k, dim = layout.shape
+    if not layout.compact:
+        return identity_maps(layers, heads, dim, device, dtype)
+    return torch.zeros(layers, heads, dim, k, device=device, dtype=dtype)
+
+
+def cast_maps(maps: Tensor, *args, **kwargs) -> Tensor:
+    """``maps.to(*args, **kwargs)``, keeping shared maps a view (never materialising them)."""
+    if _shared(maps):
+        return maps[0, 0].to(*args, **kwargs).expand(maps.shape)
+    return maps.to(*args, **kwargs)
+
+
+def apply_maps(maps: Tensor, y: Tensor) -> Tensor:
+    """``(..., L, H, k) -> (..., L, H, D)``: every head's ``maps[l, h] @ y``; shared maps as one matmul."""
+    if _shared(maps):
+        return y @ maps[0, 0].mT
+    return torch.einsum("lhdk,...lhk->...lhd", maps, y)
+
+
+def sum_heads(maps: Tensor, y: Tensor) -> Tensor:
+    """``(N, L, H, k) -> (N, D)``: the sum of every head's ``maps[l, h] @ y``."""
+    if _shared(maps):
+        return y.sum((1, 2)) @ maps[0, 0].mT
+    return torch.einsum("lhdk,nlhk->nd", maps, y)
+
+
+def keep_shared_maps(apply):
+    """Wrap ``nn.Module._apply`` so that shared head-map buffers stay views through ``.to()``/
+    ``.cuda()``/``.double()`` (moving a view materialises it)."""
+
+    def _apply(self, fn, recurse=True):
+        shared = {k: b.shape for k, b in self._buffers.items() if b is not None and _shared(b)}
+        for k in shared:
+            self._buffers[k] = self._buffers[k][0, 0]
+        try:
+            return apply(self, fn, recurse)
+        finally:
+            for k, shape in shared.items():
+                self._buffers[k] = self._buffers[k].expand(shape)
+
+    return _apply
 
 
 @dataclass

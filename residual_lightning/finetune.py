@@ -26,6 +26,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from residual_lightning.classifier_module import ClassifierModule, default_optimizer
+from residual_lightning.contributions import UnitForm
 from residual_lightning.units import BackboneSpec
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class FinetuneModel(ClassifierModule):
         shape: ``(L, H, k, D)`` of the backbone's units (linked from the data module; D is used).
         convention: the data's decomposition convention (linked from the data module; the tower
             does not decompose, it is recorded with the other linked values).
+        unit_form: `UnitLayout.form` of the backbone's units (linked from the data module; recorded
+            like `convention`).
     """
 
     data_mode: ClassVar[Literal["cache", "images"]] = "images"
@@ -68,8 +71,9 @@ class FinetuneModel(ClassifierModule):
         class_names: list[str] | None = None,
         shape: tuple[int, int, int, int] | None = None,
         convention: Literal["default", "equal_share"] = "default",
+        unit_form: UnitForm | None = None,
     ) -> None:
-        super().__init__(lr, optimizer, logit_mode, backbone, class_names, shape, convention)
+        super().__init__(lr, optimizer, logit_mode, backbone, class_names, shape, convention, unit_form)
         self.finetuned: nn.Module | None = None  # the trainable tower, built in setup or from a checkpoint
         self._save_hparams()
 
@@ -81,6 +85,12 @@ class FinetuneModel(ClassifierModule):
         if getattr(dm, "mode", "images") != "images":
             raise ValueError(
                 "FinetuneModel trains on images: set data.mode: images (the CLI links it from the model class)"
+            )
+        if self.backbone_spec.library != "open_clip":
+            raise NotImplementedError(
+                f"FinetuneModel trains open_clip towers only; the backbone is {self.backbone_spec.library} "
+                f"{self.backbone_spec.model_name!r}. The adapter methods (--model ResidualModel) support "
+                "every library."
             )
         bb = self.backbone_spec.load(self.device)
         weights, scale = dm.classifier()

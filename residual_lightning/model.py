@@ -35,7 +35,15 @@ from residual_lightning.classifier_module import (
     default_optimizer,
     read_hparams,
 )
-from residual_lightning.contributions import Contributions, UnitLayout
+from residual_lightning.contributions import (
+    Contributions,
+    UnitForm,
+    UnitLayout,
+    cast_maps,
+    keep_shared_maps,
+    layout_maps,
+    shared_maps,
+)
 from residual_lightning.spectral import UnitBases
 from residual_lightning.units import BackboneSpec, decompose_compact
 
@@ -74,12 +82,16 @@ class ResidualModel(ClassifierModule):
             replaced by `lr`.
         logit_mode: ``scaled_cosine`` (normalised embedding times the model's logit scale) or
             ``raw`` (the paper-era code: un-normalised embedding, no scale).
-        classifier: ``text`` (zero-shot text classifier) or ``prototypes`` (class means of the train
-            embeddings, for backbones without a text tower).
+        classifier: ``text`` (zero-shot text classifier), ``prototypes`` (class means of the train
+            embeddings, as the authors do for backbones without a text tower) or ``auto`` (text
+            when the backbone has a text tower, prototypes otherwise: timm, DINOv2, ViT).
         backbone: the frozen backbone (linked from the data module by the CLI).
         class_names: class names (linked from the data module).
         shape: ``(L, H, k, D)`` of the cached units (linked from the data module).
         convention: decomposition convention of the caches (linked from the data module).
+        unit_form: what `shape` leaves out (`UnitLayout.form`, linked from the data module): the
+            pooler units and full-form heads of MAP readouts, whose head maps are the identity,
+            held as a view and never stored (None: a compact layout, head maps a buffer).
     """
 
     default_lr: ClassVar[float] = 0.8
@@ -91,11 +103,12 @@ class ResidualModel(ClassifierModule):
         lr: PositiveFloat | Literal["auto"] | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         logit_mode: Literal["scaled_cosine", "raw"] = "scaled_cosine",
-        classifier: Literal["text", "prototypes"] = "text",
+        classifier: Literal["auto", "text", "prototypes"] = "auto",
         backbone: BackboneSpec | dict | None = None,
         class_names: list[str] | None = None,
         shape: tuple[int, int, int, int] | None = None,
         convention: Literal["default", "equal_share"] = "default",
+        unit_form: UnitForm | None = None,
     ) -> None:
         if method == "finetune":
             raise ValueError(
@@ -105,7 +118,7 @@ class ResidualModel(ClassifierModule):
             )
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-        super().__init__(lr, optimizer, logit_mode, backbone, class_names, shape, convention)
+        super().__init__(lr, optimizer, logit_mode, backbone, class_names, shape, convention, unit_form)
         options = options_for(method, adapter)
         self._save_hparams()
         # Plain values too: the options' class_path and fields (`AdapterOptions.to_hparams`).
@@ -113,10 +126,12 @@ class ResidualModel(ClassifierModule):
         self.method, self.options = method, options
         self.adapter_options = asdict(options)  # every option, as a dict
         self.classifier_kind = classifier
-        self.layout = UnitLayout.from_shape(shape, convention)
-        layers, heads, k, dim = self.layout.shape
-        self.register_buffer("head_maps", torch.zeros(layers, heads, dim, k))  # (L, H, D, k)
+        self.layout = UnitLayout.from_shape(shape, convention, self.unit_form)
+        # (L, H, D, k); the full form's identity is a view, kept out of the state_dict
+        self.register_buffer("head_maps", layout_maps(self.layout), persistent=self.layout.compact)
         self.adapter: Adapter | None = None
+
+    _apply = keep_shared_maps(ClassifierModule._apply)  # .to()/.cuda() keep the identity a view
 
     # ------------------------------------------------------------------ construction
 
@@ -132,13 +147,27 @@ class ResidualModel(ClassifierModule):
             if self.adapter is None:
                 self._build_adapter(None)
             return
-        self.head_maps.copy_(dm.head_maps)
-        if self.classifier_kind == "text":
+        if self.layout.compact:
+            self.head_maps.copy_(dm.head_maps)
+        elif not shared_maps(dm.head_maps):
+            raise ValueError("the data module's head maps are not the full form's identity of this layout")
+        kind = self.classifier_kind
+        if kind == "auto":
+            kind = "text" if self.backbone_spec.has_text else "prototypes"
+        elif kind == "text" and not self.backbone_spec.has_text:
+            raise ValueError(
+                f"classifier: text needs a text tower, and the {self.backbone_spec.library} backbone "
+                f"{self.backbone_spec.model_name!r} has none: use --model.classifier prototypes (or auto)"
+            )
+        bias = None
+        if kind == "text":
             weights, scale = dm.classifier()
+            bias = dm.classifier_bias() if hasattr(dm, "classifier_bias") else None
         else:
             weights, scale = self._prototypes(dm), 100.0
         self.classifier.copy_(weights)
         self.logit_scale.fill_(scale)
+        self.logit_bias.fill_(float("nan") if bias is None else bias)
         bases = dm.bases() if self.options.needs_bases else None
         self._build_adapter(bases)
         self.ready.fill_(True)
@@ -149,7 +178,7 @@ class ResidualModel(ClassifierModule):
 
         embs, labels = [], []
         for batch in dm.caches["train"].iter_batches():
-            embs.append(batch.embedding(self.head_maps.cpu()))
+            embs.append(batch.embedding(cast_maps(self.head_maps, "cpu")))
             labels.append(batch.label)
         return prototypes(torch.cat(embs), torch.cat(labels), len(self.class_names))
 
@@ -231,5 +260,5 @@ class ResidualCLIP(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Tensor:
-        """(N, C) class probabilities."""
-        return self.model.logits_from_images(images).softmax(-1)
+        """(N, C) class probabilities (softmax; SigLIP towers: per-class sigmoid(logit + bias))."""
+        return self.model.probabilities(self.model.logits_from_images(images))

@@ -195,6 +195,9 @@ class ResidualCLI(LightningCLI):
         parser.link_arguments(
             "data", f"{model}.shape", compute_fn=lambda dm: dm.shape, apply_on="instantiate"
         )
+        parser.link_arguments(  # pooler units and full-form heads (MAP readouts); None when compact
+            "data", f"{model}.unit_form", compute_fn=lambda dm: dm.layout.form, apply_on="instantiate"
+        )
         parser.add_argument(
             "--report",
             type=bool,

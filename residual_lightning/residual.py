@@ -18,7 +18,16 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .contributions import EMB, Contributions, head_name, mlp_name
+from .contributions import (
+    EMB,
+    Contributions,
+    apply_maps,
+    cast_maps,
+    head_name,
+    mlp_name,
+    shared_maps,
+    sum_heads,
+)
 from .transform import (
     Adapter,
     AdapterOptions,
@@ -31,7 +40,7 @@ from .transform import (
     init_lambdas,
     nan_where,
     per_kind,
-    resolve_transform,
+    resolve_units,
     transform_dense,
     transform_heads,
 )
@@ -148,9 +157,9 @@ class ResidualAdapter(Adapter):
             )
         dtype = float_dtype(head_maps)
         bases = bases.to(device=head_maps.device, dtype=dtype)
-        maps = head_maps.to(dtype)
+        maps = cast_maps(head_maps, dtype)  # the full form's identity stays a view
         # Guard against bases fitted on another cache: their head means must be A @ ybar.
-        mean = torch.einsum("lhdk,lhk->lhd", maps, bases.head_coord_mean)  # (L, H, D)
+        mean = apply_maps(maps, bases.head_coord_mean)  # (L, H, D)
         err = (mean - bases.heads.mean).norm() / bases.heads.mean.norm().clamp_min(1e-12)
         if err > 1e-3:
             raise ValueError(
@@ -158,8 +167,9 @@ class ResidualAdapter(Adapter):
                 "the bases were fitted on a cache with other head maps"
             )
         self.transform, self.others, self.init, self.add_mean = transform, others, init, add_mean
-        th, tm, te = resolve_transform(transform, layers, heads)
-        th, tm = th.to(maps.device), tm.to(maps.device)
+        self.pooler_units = tuple(bases.pooler_units) if bases.pooler is not None else ()
+        th, tm, te, tp = resolve_units(transform, layers, heads, self.pooler_units)
+        th, tm, tp = th.to(maps.device), tm.to(maps.device), tp.to(maps.device)
         sel = per_kind(components)
         gen = torch.Generator().manual_seed(seed)
         self.register_buffer("head_transformed", th)  # (L, H)
@@ -172,6 +182,9 @@ class ResidualAdapter(Adapter):
             "mlp": (bases.mlps, tm, sel["mlps"]),
             "emb": (bases.emb, torch.tensor(te, device=maps.device), sel["emb"]),
         }
+        if self.pooler_units:  # a MAP readout's pooler units: (N, D) each, like an MLP
+            self.register_buffer("pooler_transformed", tp)  # (P,)
+            kinds["pooler"] = (bases.pooler, tp, sel["pooler"])
         for prefix, (basis, chosen, selection) in kinds.items():
             lam = init_lambdas(init, basis, bases.n_samples, gen)  # drawn for every kind: seed-stable
             if not chosen.any():
@@ -199,12 +212,18 @@ class ResidualAdapter(Adapter):
         self.register_buffer(
             "emb_keep", torch.tensor(float(keep and not te), dtype=dtype, device=maps.device)
         )
-        if bool(self.head_keep.any()):
-            self.register_buffer("head_maps", maps)  # (L, H, D, k)
+        if self.pooler_units:
+            self.register_buffer(
+                "pooler_keep", (~tp).to(dtype) if keep else torch.zeros_like(tp, dtype=dtype)
+            )
+        if bool(self.head_keep.any()):  # (L, H, D, k); the full form's identity: a view, not stored
+            self.register_buffer("head_maps", maps, persistent=not shared_maps(maps))
         if others == "mean":
             const += (bases.heads.mean * (~th)[..., None]).sum((0, 1))
             const += (bases.mlps.mean * (~tm)[..., None]).sum(0)
             const += bases.emb.mean * float(not te)
+            if self.pooler_units:
+                const += (bases.pooler.mean * (~tp)[..., None]).sum(0)
         self.register_buffer("const", const)  # (D,)
 
     def _lambdas(self, prefix: str) -> Tensor | None:
@@ -233,8 +252,18 @@ class ResidualAdapter(Adapter):
                 emb[:, None], self.emb_components[None], self.emb_mean[None], lam[None]
             )
         if hasattr(self, "head_maps"):
-            out = out + torch.einsum("lhdk,nlhk->nd", self.head_maps, y * self.head_keep[..., None])
+            out = out + sum_heads(self.head_maps, y * self.head_keep[..., None])
         out = out + torch.einsum("nld,l->nd", mlps, self.mlp_keep) + emb * self.emb_keep
+        if batch.pooler_names() != list(self.pooler_units):
+            raise ValueError(
+                f"the batch has the pooler units {batch.pooler_names()} and the adapter {list(self.pooler_units)}"
+            )
+        if self.pooler_units:
+            pooled = torch.stack([batch.extra[n] for n in self.pooler_units], dim=1).to(dtype)  # (N, P, D)
+            lam = self._lambdas("pooler")
+            if lam is not None:
+                out = out + transform_dense(pooled, self.pooler_components, self.pooler_mean, lam)
+            out = out + torch.einsum("npd,p->nd", pooled, self.pooler_keep)
         return out
 
     def num_learned(self) -> int:
@@ -249,7 +278,8 @@ class ResidualAdapter(Adapter):
         }
 
     def unit_weights(self) -> dict[str, Tensor]:
-        """Lambdas by kind: ``heads`` (L, H, K), ``mlps`` (L, D), ``emb`` (D,); NaN where not learned.
+        """Lambdas by kind: ``heads`` (L, H, K), ``mlps`` (L, D), ``emb`` (D,), ``pooler`` (P, D);
+        NaN where not learned.
 
         Kinds without any transformed unit are absent.
         """
@@ -260,11 +290,14 @@ class ResidualAdapter(Adapter):
         return self._by_kind("_lambdas_init")
 
     def transformed_units(self) -> list[str]:
-        """Names of the transformed units, in the authors' order (emb, MLPs, heads)."""
+        """Names of the transformed units, in the authors' order (emb, MLPs, heads, pooler units)."""
         names = [EMB] if bool(self.emb_transformed) else []
         names += [mlp_name(layer) for layer in self.mlp_transformed.nonzero().flatten().tolist()]
         names += [head_name(layer, h) for layer, h in self.head_transformed.nonzero().tolist()]
+        if self.pooler_units:
+            names += [self.pooler_units[i] for i in self.pooler_transformed.nonzero().flatten().tolist()]
         return names
 
 
-_PREFIX = {"head": "heads", "mlp": "mlps", "emb": "emb"}  # parameter prefix -> unit_weights key
+# parameter prefix -> unit_weights key
+_PREFIX = {"head": "heads", "mlp": "mlps", "emb": "emb", "pooler": "pooler"}

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .contributions import CONVENTIONS, UnitLayout
+from .contributions import CONVENTIONS, UnitLayout, cast_maps, shared_maps, sum_heads
 from .unit_bases import PCABasis, Selection, UnitBases, select_components
 
 __all__ = [
@@ -60,6 +60,19 @@ def _batch_parts(batch: Any) -> tuple[Tensor, Tensor, Tensor]:
     raise TypeError(
         f"expected Contributions (heads, mlps, emb attributes) or a tuple (heads, mlps, emb), "
         f"got {type(batch).__name__}"
+    )
+
+
+def _pooler_part(batch: Any, names: tuple[str, ...], like: Tensor) -> Tensor:
+    """(N, P, D) pooler units' contributions of a batch (its ``extra`` by name), in `names` order."""
+    extra = getattr(batch, "extra", None) or {}
+    missing = [name for name in names if name not in extra]
+    if missing:
+        raise ValueError(f"the batch lacks the pooler units {missing} (Contributions.extra)")
+    return (
+        torch.stack([extra[name] for name in names], dim=1)
+        if names
+        else like.new_zeros(like.shape[0], 0, like.shape[-1])
     )
 
 
@@ -102,6 +115,9 @@ class MomentAccumulator:
             baseline).
         chunk_size: samples upcast to float64 at a time (bounds the extra memory).
         rank_rtol: eigenvalues at most this fraction of a unit's largest are masked out.
+        layout: the cache's layout, needed for pooler units (each gets a D x D covariance, like an
+            MLP) and full-form heads (shared identity head maps: k = D, K defaults to the layout's
+            head width d); None: a compact layout without pooler units.
     """
 
     def __init__(
@@ -113,16 +129,22 @@ class MomentAccumulator:
         fit_output: bool = True,
         chunk_size: int = 1024,
         rank_rtol: float = DEFAULT_RANK_RTOL,
+        layout: UnitLayout | None = None,
     ) -> None:
         if head_maps.ndim != 4:
             raise ValueError(f"head_maps must be (L, H, D, k), got shape {tuple(head_maps.shape)}")
         if convention not in CONVENTIONS:
             raise ValueError(f"unknown convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
         self.layers, self.heads, self.output_dim, self.head_dim = head_maps.shape
-        if head_components is None:
+        if layout is None:
             layout = UnitLayout.from_shape(
                 (self.layers, self.heads, self.head_dim, self.output_dim), convention
             )
+        elif layout.shape != (self.layers, self.heads, self.head_dim, self.output_dim):
+            raise ValueError(f"layout shape {layout.shape} does not match head_maps {tuple(head_maps.shape)}")
+        self.layout = layout
+        self.pooler_units = tuple(layout.pooler_units)
+        if head_components is None:
             head_components = layout.head_width
         rank_cap = min(self.head_dim, self.output_dim)
         if not 1 <= head_components <= rank_cap:
@@ -138,17 +160,18 @@ class MomentAccumulator:
         self.count = 0
         self._reduced = False
         self._head: _Moments | None = None  # units (L*H), F = k
-        self._dense: _Moments | None = None  # units (1 + L): emb, then the MLPs; F = D
+        self._dense: _Moments | None = None  # units (1 + L + P): emb, the MLPs, the pooler's; F = D
         self._out: _Moments | None = None  # one unit, F = D
 
     def _allocate(self, device: torch.device) -> None:
         f64 = dict(dtype=torch.float64, device=device)
-        lh, k, d, u = self.layers * self.heads, self.head_dim, self.output_dim, 1 + self.layers
+        lh, k, d = self.layers * self.heads, self.head_dim, self.output_dim
+        u = 1 + self.layers + len(self.pooler_units)
         self._head = _Moments(torch.zeros(lh, k, **f64), torch.zeros(lh, k, k, **f64))
         self._dense = _Moments(torch.zeros(u, d, **f64), torch.zeros(u, d, d, **f64))
         if self.fit_output:
             self._out = _Moments(torch.zeros(1, d, **f64), torch.zeros(1, d, d, **f64))
-        self.head_maps = self.head_maps.to(device)
+        self.head_maps = cast_maps(self.head_maps, device)
 
     def _check(self, heads: Tensor, mlps: Tensor, emb: Tensor) -> None:
         n = heads.shape[0]
@@ -181,6 +204,7 @@ class MomentAccumulator:
             raise RuntimeError("MomentAccumulator.update after all_reduce: the state is already global")
         heads, mlps, emb = _batch_parts(batch)
         self._check(heads, mlps, emb)
+        pooler = _pooler_part(batch, self.pooler_units, emb)  # (N, P, D)
         if self._head is None:
             self._allocate(heads.device)
         device = self._head.mean.device
@@ -188,17 +212,18 @@ class MomentAccumulator:
             sl = slice(start, start + self.chunk_size)
             y = heads[sl].to(device)  # (n, L, H, k)
             m, e = mlps[sl].to(device), emb[sl].to(device)  # (n, L, D), (n, D)
+            p = pooler[sl].to(device)  # (n, P, D)
             n_b = y.shape[0]
             y64 = y.double().reshape(n_b, self.layers * self.heads, self.head_dim)  # (n, L*H, k)
             self._head.merge(self.count, n_b, *_moments(y64))
-            dense = torch.cat([e[:, None], m], dim=1).double()  # (n, 1 + L, D)
+            dense = torch.cat([e[:, None], m, p.to(m.dtype)], dim=1).double()  # (n, 1 + L + P, D)
             self._dense.merge(self.count, n_b, *_moments(dense))
             if self._out is not None:
                 # The embedding in the data's precision (at least float32): the D x (L*H*k) product
                 # is the most expensive step and float32 rounding is far below PCA's needs.
                 dtype = torch.promote_types(y.dtype, torch.float32)
-                maps = self.head_maps.to(dtype)
-                out = e.to(dtype) + m.to(dtype).sum(1) + torch.einsum("lhdk,nlhk->nd", maps, y.to(dtype))
+                maps = cast_maps(self.head_maps, dtype)
+                out = e.to(dtype) + m.to(dtype).sum(1) + sum_heads(maps, y.to(dtype)) + p.to(dtype).sum(1)
                 self._out.merge(self.count, n_b, *_moments(out.double()[:, None]))  # (n, 1, D)
             self.count += n_b
 
@@ -255,26 +280,38 @@ class MomentAccumulator:
 
         # Heads: covariance of c = A y is Q (R S R^T) Q^T.
         cov_y = (self._head.m2 / (n - 1)).reshape(layers, heads, k, k)  # (L, H, k, k)
-        maps = self.head_maps.double()  # (L, H, D, k)
-        q, r = torch.linalg.qr(maps)  # (L, H, D, r), (L, H, r, k) with r = min(D, k)
-        small = r @ cov_y @ r.mT  # (L, H, r, r)
-        var, vecs = torch.linalg.eigh((small + small.mT) / 2)  # ascending
-        comps = torch.einsum("lhdr,lhrj->lhjd", q, vecs.flip(-1))  # (L, H, r, D)
         ybar = self._head.mean.reshape(layers, heads, k)  # (L, H, k)
-        mean = torch.einsum("lhdk,lhk->lhd", maps, ybar)  # (L, H, D)
+        if shared_maps(self.head_maps):  # one map for every head (the full form's identity)
+            one = self.head_maps[0, 0].double()  # (D, k)
+            q, r = torch.linalg.qr(one)  # (D, r), (r, k)
+            small = r @ cov_y @ r.mT  # (L, H, r, r)
+            var, vecs = torch.linalg.eigh((small + small.mT) / 2)  # ascending
+            comps = torch.einsum("dr,lhrj->lhjd", q, vecs.flip(-1))  # (L, H, r, D)
+            mean = ybar @ one.mT  # (L, H, D)
+        else:
+            maps = self.head_maps.double()  # (L, H, D, k)
+            q, r = torch.linalg.qr(maps)  # (L, H, D, r), (L, H, r, k) with r = min(D, k)
+            small = r @ cov_y @ r.mT  # (L, H, r, r)
+            var, vecs = torch.linalg.eigh((small + small.mT) / 2)  # ascending
+            comps = torch.einsum("lhdr,lhrj->lhjd", q, vecs.flip(-1))  # (L, H, r, D)
+            mean = torch.einsum("lhdk,lhk->lhd", maps, ybar)  # (L, H, D)
         head_basis = _basis(mean, comps, var.flip(-1), self.head_components, self.rank_rtol)
 
         # MLPs and emb: D x D covariance each.
-        dense = _dense_basis(self._dense, n, dim, self.rank_rtol)  # units (1 + L)
+        dense = _dense_basis(self._dense, n, dim, self.rank_rtol)  # units (1 + L + P)
         output = None if self._out is None else _dense_basis(self._out, n, dim, self.rank_rtol)[0]
+        pooler = dense[1 + layers :] if self.pooler_units else None
         bases = UnitBases(
             heads=head_basis,
-            mlps=dense[1:],
+            mlps=dense[1 : 1 + layers],
             emb=dense[0],
             head_coord_mean=ybar,
             n_samples=n,
             convention=self.convention,
             output=output,
+            pooler=pooler,
+            pooler_units=self.pooler_units,
+            compact=self.layout.compact,
         )
         return bases.to(dtype)
 
@@ -329,6 +366,7 @@ def fit_unit_bases(
     chunk_size: int = 1024,
     rank_rtol: float = DEFAULT_RANK_RTOL,
     metadata: Mapping[str, Any] | None = None,
+    layout: UnitLayout | None = None,
 ) -> UnitBases:
     """Fit the PCA of every residual unit on a stream of cached batches.
 
@@ -347,6 +385,7 @@ def fit_unit_bases(
         chunk_size: samples upcast to float64 at a time.
         rank_rtol: eigenvalues at most this fraction of a unit's largest are masked out.
         metadata: JSON-serialisable information stored with the bases.
+        layout: the cache's layout (pooler units, full-form heads; see `MomentAccumulator`).
     """
     acc = MomentAccumulator(
         head_maps,
@@ -355,6 +394,7 @@ def fit_unit_bases(
         fit_output=fit_output,
         chunk_size=chunk_size,
         rank_rtol=rank_rtol,
+        layout=layout,
     )
     for batch in batches:
         acc.update(batch)

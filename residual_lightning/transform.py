@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal, TypedDict, Union
 import torch
 from torch import Tensor, nn
 
-from .contributions import Contributions, head_name, mlp_name, parse_unit
+from .contributions import Contributions, head_name, keep_shared_maps, mlp_name, parse_unit, shared_maps
 from .unit_bases import PCABasis, Selection, UnitBases
 
 __all__ = [
@@ -42,18 +42,19 @@ __all__ = [
     "init_lambdas",
     "per_kind",
     "resolve_transform",
+    "resolve_units",
     "transform_dense",
     "transform_heads",
 ]
 
 Init = Literal["ones", "normal", "eigen", "singular"]
 Others = Literal["keep", "zero", "mean"]
-#: Units to transform: ``"all"`` (heads and MLPs), ``"heads"``, ``"mlps"``, ``"emb"`` or one unit
-#: name; a ``[start, stop]`` layer range (heads and MLPs of layers start..stop-1, Python slice
+#: Units to transform: ``"all"`` (heads, MLPs and pooler units), ``"heads"``, ``"mlps"``, ``"emb"``,
+#: ``"pooler"`` (a MAP readout's pooler units) or one unit name; a ``[start, stop]`` layer range (heads and MLPs of layers start..stop-1, Python slice
 #: semantics); or a list of unit names and/or kind names. The tuple comes first so that a config's
 #: ``[5, 7]`` is read as a range.
 TransformSpec = Union[tuple[int, int], list[str], str]
-KINDS = ("heads", "mlps", "emb")
+KINDS = ("heads", "mlps", "emb", "pooler")
 
 
 class PerKind(TypedDict, total=False):
@@ -63,11 +64,13 @@ class PerKind(TypedDict, total=False):
         heads: the heads' selection.
         mlps: the MLPs' selection.
         emb: the embedding unit's selection.
+        pooler: the pooler units' selection (MAP readouts).
     """
 
     heads: Selection
     mlps: Selection
     emb: Selection
+    pooler: Selection
 
 
 #: Component selection for every kind, or per kind: ``{"heads": 0.9, "mlps": "all"}``.
@@ -86,6 +89,9 @@ class Adapter(nn.Module, abc.ABC):
     Learned weights record where they started as buffers (`_record_initial`): checkpoints keep
     them, and a checkpoint written before they existed gets them rebuilt when it loads.
     """
+
+    # Shared head maps (the full form's identity over (L, H)) stay views through .to()/.cuda().
+    _apply = keep_shared_maps(nn.Module._apply)
 
     def __init__(self) -> None:
         super().__init__()
@@ -243,11 +249,28 @@ def resolve_transform(transform: TransformSpec, layers: int, heads: int) -> tupl
     Raises:
         ValueError: unknown kind or unit name (with close matches), or a bad layer range.
     """
+    return resolve_units(transform, layers, heads)[:3]
+
+
+def resolve_units(
+    transform: TransformSpec, layers: int, heads: int, pooler_units: tuple[str, ...] | list[str] = ()
+) -> tuple[Tensor, Tensor, bool, Tensor]:
+    """`resolve_transform` plus the pooler units it selects, (P,) bool: ``all`` and ``pooler``
+    select every one, a unit name its own; a layer range none.
+
+    Args:
+        transform: see `TransformSpec`.
+        layers: L.
+        heads: H.
+        pooler_units: the layout's pooler units (`UnitLayout.pooler_units`).
+    """
     th = torch.zeros(layers, heads, dtype=torch.bool)
     tm = torch.zeros(layers, dtype=torch.bool)
     te = False
+    pooler_units = list(pooler_units)
+    tp = torch.zeros(len(pooler_units), dtype=torch.bool)
     if isinstance(transform, str):
-        transform = ["heads", "mlps"] if transform == "all" else [transform]
+        transform = [transform]
     transform = list(transform)
     if len(transform) == 2 and all(isinstance(t, int) and not isinstance(t, bool) for t in transform):
         chosen = list(range(layers)[slice(*transform)])
@@ -255,11 +278,12 @@ def resolve_transform(transform: TransformSpec, layers: int, heads: int) -> tupl
             raise ValueError(f"layer range {tuple(transform)} selects no layer of {layers}")
         th[chosen] = True
         tm[chosen] = True
-        return th, tm, te
+        return th, tm, te, tp
     names = (
         ["all", *KINDS]
         + [mlp_name(layer) for layer in range(layers)]
         + [head_name(layer, h) for layer in range(layers) for h in range(heads)]
+        + pooler_units
     )
     for item in transform:
         if not isinstance(item, str):
@@ -272,7 +296,11 @@ def resolve_transform(transform: TransformSpec, layers: int, heads: int) -> tupl
         except ValueError:
             ref = None
         if item == "all":
-            th[:], tm[:] = True, True
+            th[:], tm[:], tp[:] = True, True, True
+        elif item == "pooler":
+            tp[:] = True
+        elif item in pooler_units:
+            tp[pooler_units.index(item)] = True
         elif item == "heads":
             th[:] = True
         elif item == "mlps":
@@ -288,10 +316,10 @@ def resolve_transform(transform: TransformSpec, layers: int, heads: int) -> tupl
             close = difflib.get_close_matches(item, names, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ValueError(
-                f"unknown unit {item!r} in transform (kinds: all, heads, mlps, emb; units: emb, "
-                f"l<0..{layers - 1}>.mlp, l<l>.h<0..{heads - 1}>){hint}"
+                f"unknown unit {item!r} in transform (kinds: all, heads, mlps, emb, pooler; units: emb, "
+                f"l<0..{layers - 1}>.mlp, l<l>.h<0..{heads - 1}>{''.join(', ' + n for n in pooler_units)}){hint}"
             )
-    return th, tm, te
+    return th, tm, te, tp
 
 
 def per_kind(components: ComponentsSpec) -> dict[str, Selection]:
@@ -326,7 +354,10 @@ def compact_projection(components: Tensor, head_maps: Tensor, coord_mean: Tensor
     Returns:
         B (L, H, K, k) and the offset (L, H, K).
     """
-    b = torch.einsum("lhjd,lhdk->lhjk", components, head_maps.to(components.dtype))  # (L, H, K, k)
+    if shared_maps(head_maps):  # one (D, k) map for every head: never materialised
+        b = components @ head_maps[0, 0].to(components.dtype)  # (L, H, K, k)
+    else:
+        b = torch.einsum("lhjd,lhdk->lhjk", components, head_maps.to(components.dtype))  # (L, H, K, k)
     offset = torch.einsum("lhjk,lhk->lhj", b, coord_mean.to(components.dtype))  # (L, H, K)
     return b, offset
 

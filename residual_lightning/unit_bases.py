@@ -110,6 +110,11 @@ class UnitBases:
         output: PCA of the final image embedding (the sum of all units), units (), K = D; used by
             the `spectral` baseline. None if not fitted.
         metadata: free-form JSON-serialisable information (model, dataset, split...), saved too.
+        pooler: bases of the pooler units (MAP readouts' ``pool.mlp``), units (P,), K = D; None
+            when the layout has none.
+        pooler_units: their names, in the order of `pooler`.
+        compact: whether the heads were cached in the compact form (False: full-form heads, k = D,
+            K the head width d).
     """
 
     heads: PCABasis
@@ -120,6 +125,9 @@ class UnitBases:
     convention: str = "default"
     output: PCABasis | None = None
     metadata: dict = field(default_factory=dict)
+    pooler: PCABasis | None = None
+    pooler_units: tuple[str, ...] = ()
+    compact: bool = True
 
     @property
     def num_layers(self) -> int:
@@ -144,8 +152,15 @@ class UnitBases:
     @property
     def layout(self) -> UnitLayout:
         """The layout of the units these bases describe."""
+        form = None
+        if self.pooler_units or not self.compact:
+            form = {
+                "compact": self.compact,
+                "head_width": self.heads.num_components,
+                "pooler_units": list(self.pooler_units),
+            }
         return UnitLayout.from_shape(
-            (self.num_layers, self.num_heads, self.head_dim, self.output_dim), self.convention
+            (self.num_layers, self.num_heads, self.head_dim, self.output_dim), self.convention, form
         )
 
     @property
@@ -165,6 +180,8 @@ class UnitBases:
             raise KeyError(f"unknown unit {name!r}: {err}") from None
         if ref.kind == "emb":
             return self.emb
+        if ref.kind == "pooler":
+            return self.pooler[self.pooler_units.index(name)]
         return self.mlps[ref.layer] if ref.kind == "mlp" else self.heads[ref.layer, ref.head]
 
     def to(self, *args: Any, **kwargs: Any) -> UnitBases:
@@ -178,6 +195,9 @@ class UnitBases:
             convention=self.convention,
             output=None if self.output is None else self.output.to(*args, **kwargs),
             metadata=dict(self.metadata),
+            pooler=None if self.pooler is None else self.pooler.to(*args, **kwargs),
+            pooler_units=self.pooler_units,
+            compact=self.compact,
         )
 
     @classmethod
@@ -207,12 +227,17 @@ class UnitBases:
             n_samples=2,
             convention=layout.convention,
             output=basis(comps=dim),
+            pooler=basis(len(layout.pooler_units), comps=dim) if layout.pooler_units else None,
+            pooler_units=tuple(layout.pooler_units),
+            compact=layout.compact,
         )
 
     def _kinds(self) -> dict[str, PCABasis]:
         kinds = {"heads": self.heads, "mlps": self.mlps, "emb": self.emb}
         if self.output is not None:
             kinds["output"] = self.output
+        if self.pooler is not None:
+            kinds["pooler"] = self.pooler
         return kinds
 
     def save(self, path: str | Path, key: Any = None) -> None:
@@ -235,6 +260,9 @@ class UnitBases:
             "output_dim": self.output_dim,
             "metadata": self.metadata,
         }
+        if self.pooler_units or not self.compact:  # compact bases without pooler units: as before
+            header["pooler_units"] = list(self.pooler_units)
+            header["compact"] = self.compact
         save_tensors(path, tensors, "bases", key, metadata={"header": json.dumps(header)})
 
     @classmethod
@@ -267,6 +295,9 @@ class UnitBases:
             convention=header["convention"],
             output=basis("output"),
             metadata=header.get("metadata", {}),
+            pooler=basis("pooler"),
+            pooler_units=tuple(header.get("pooler_units", ())),
+            compact=bool(header.get("compact", True)),
         )
 
 

@@ -11,9 +11,11 @@ Letters used across the package: N images, U units (1 + L + L*H), L layers (`res
 H heads per layer, T tokens, W transformer width, d head width (W / H), D output embedding
 size, K principal components, C classes.
 
-The work is done in `residual_lightning.backbones`: a reader (`backbones/open_clip.py`) describes
-the tower as a `CanonicalViT`, and the engine (`backbones/engine.py`) decomposes that description;
-loading lives in `backbones/loading.py`. This module keeps the names callers import.
+The work is done in `residual_lightning.backbones`: a reader per library (open_clip, timm, Hugging
+Face; `backbones/dispatch.py` picks it) describes the tower as a `CanonicalViT`, and the engine
+(`backbones/engine.py`) decomposes that description; loading lives in `backbones/loading.py`.
+This module keeps the names callers import, and every function here accepts any supported model
+object (an open_clip CLIP or its tower, a timm ViT or Eva, a Hugging Face CLIP/BLIP/DINOv2/ViT/SigLIP).
 
 The final LayerNorm is linear once each image's statistics (mean and sigma of the pooled stream)
 are frozen, so the unit contributions sum to `encode_image(x)` exactly. Two conventions place the
@@ -40,6 +42,7 @@ import warnings
 from torch import Tensor, nn
 
 from residual_lightning.backbones.canonical import UnsupportedModelError
+from residual_lightning.backbones.dispatch import read_model
 from residual_lightning.backbones.engine import decompose_compact as _decompose_canonical
 from residual_lightning.backbones.loading import (
     Backbone,
@@ -50,7 +53,6 @@ from residual_lightning.backbones.loading import (
     load_backbone,
     register_model_configs,
 )
-from residual_lightning.backbones.open_clip import read_open_clip
 from residual_lightning.contributions import (
     CONVENTIONS,
     EQUAL_SHARE_EXTRA,
@@ -88,12 +90,12 @@ def unit_layout(model: nn.Module) -> UnitLayout:
     """Describe the residual units of an open_clip CLIP model or its `.visual`.
 
     Args:
-        model: an open_clip `CLIP`/`CustomTextCLIP` or its `VisionTransformer`.
+        model: any supported model (`residual_lightning.backbones.dispatch.read_model`).
 
     Raises:
         UnsupportedModelError: naming the class or option that is not supported.
     """
-    return read_open_clip(model).layout()
+    return read_model(model).layout()
 
 
 def unit_names(model: nn.Module) -> list[str]:
@@ -103,7 +105,7 @@ def unit_names(model: nn.Module) -> list[str]:
     weights learned by the authors' code map one to one.
 
     Args:
-        model: an open_clip `CLIP`/`CustomTextCLIP` or its `VisionTransformer`.
+        model: any supported model (`residual_lightning.backbones.dispatch.read_model`).
     """
     return unit_layout(model).names
 
@@ -115,7 +117,7 @@ def decompose_compact(model: nn.Module, images: Tensor, convention: Convention =
     Works under `torch.autocast` and `torch.inference_mode`; outputs are float32.
 
     Args:
-        model: an open_clip `CLIP`/`CustomTextCLIP` or its `VisionTransformer`, in eval mode.
+        model: any supported model (`residual_lightning.backbones.dispatch.read_model`), in eval mode.
         images: (N, 3, S, S) preprocessed images.
         convention: ``"default"`` or ``"equal_share"`` (see the module docstring).
 
@@ -125,17 +127,17 @@ def decompose_compact(model: nn.Module, images: Tensor, convention: Convention =
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
-    return _decompose_canonical(read_open_clip(model), images, convention)
+    return _decompose_canonical(read_model(model), images, convention)
 
 
 def decompose(model: nn.Module, images: Tensor, convention: Convention = "default") -> UnitContributions:
     """Decompose `encode_image(images)` into the direct contributions of every residual unit.
 
-    ``result.contributions.sum(1)`` equals ``model.encode_image(images)`` (not normalised) to
-    float32 rounding.
+    ``result.contributions.sum(1)`` equals the model's embedding (`backbones.dispatch.model_embedding`:
+    ``encode_image`` for open_clip, not normalised) to float32 rounding.
 
     Args:
-        model: an open_clip `CLIP`/`CustomTextCLIP` or its `VisionTransformer`, in eval mode.
+        model: any supported model (`residual_lightning.backbones.dispatch.read_model`), in eval mode.
         images: (N, 3, S, S) preprocessed images.
         convention: ``"default"`` (constants folded into emb, heads of rank <= d) or
             ``"equal_share"`` (the authors' split).

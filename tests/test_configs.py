@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
+import timm
 import yaml
 from PIL import Image
 
 from residual_lightning.adapters import ResidualStarOptions
+from residual_lightning.backbones.hf_known import KNOWN_CONFIGS
 from residual_lightning.cli import ResidualCLI, ResidualTrainer, main
 from residual_lightning.data.datamodule import ResidualDataModule
 from residual_lightning.data.registry import DATASETS
@@ -123,9 +125,11 @@ def test_backbone_with_every_method(tmp_path, backbone, method):
     cfg = load(backbone)["data"]["backbone"]
     cli = build(tmp_path, backbone, DIGITS, method)
     spec = cli.datamodule.backbone
-    assert spec == BackboneSpec(cfg["model_name"], cfg["pretrained"])
+    library = cfg.get("library", "open_clip")
+    assert spec == BackboneSpec(cfg["model_name"], cfg["pretrained"], library=library)
     assert cli.model.backbone_spec == spec  # linked, never typed twice
-    assert cli.model.hparams.shape == layout_from_config(cfg["model_name"]).shape
+    layout = layout_from_config(cfg["model_name"], library=library, pretrained=cfg["pretrained"])
+    assert cli.model.hparams.shape == layout.shape
     name = method_of(method)
     lr, batch, clip = RECIPE[name]
     assert cli.model.method == name
@@ -140,6 +144,13 @@ def test_backbone_tags_exist_and_match_the_architecture(backbone):
     """A tag open_clip does not know fails at download time; a QuickGELU mismatch only warns."""
     cfg = load(backbone)["data"]["backbone"]
     if cfg["pretrained"] is None:
+        return
+    library = cfg.get("library", "open_clip")
+    if library == "timm":
+        assert f"{cfg['model_name']}.{cfg['pretrained']}" in timm.list_pretrained(cfg["model_name"] + ".*")
+        return
+    if library == "hf":  # no offline registry of hub ids: the architecture is known for planning
+        assert cfg["model_name"] in KNOWN_CONFIGS and cfg["pretrained"] == "main"
         return
     assert cfg["pretrained"] in open_clip.list_pretrained_tags_by_model(cfg["model_name"])
     tag = open_clip.get_pretrained_cfg(cfg["model_name"], cfg["pretrained"])

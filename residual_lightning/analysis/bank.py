@@ -66,7 +66,7 @@ def encode_bank(
         cache_dir: folder of the cached embeddings (a text-classifier file keyed by the backbone
             weights and the descriptions); None encodes every time.
     """
-    from residual_lightning.classifier import load_or_build_classifier, text_classifier
+    from residual_lightning.classifier import backbone_text_classifier, load_or_build_classifier
 
     descriptions = list(descriptions)
     if not descriptions:
@@ -75,5 +75,5 @@ def encode_bank(
     if cache_dir is not None:  # cached (verified, atomic) like every text classifier
         return load_or_build_classifier(backbone, descriptions, ["{}"], cache_dir)[0].float()
     loaded = backbone if hasattr(backbone, "model") else backbone.load()
-    emb = text_classifier(loaded.model, loaded.tokenizer, descriptions, ["{}"], batch_size=batch_size)
+    emb = backbone_text_classifier(loaded, descriptions, ["{}"], batch_size=batch_size)
     return emb.cpu().float()

@@ -19,6 +19,7 @@ Letters: N samples, L layers, H heads per layer, K components, D embedding size.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,8 @@ from residual_lightning.analysis.intrinsic_dim import id_profile, layer_profile
 from residual_lightning.analysis.lambdas import lambda_movement
 from residual_lightning.analysis.textspan import head_descriptions
 from residual_lightning.plots import plot_accuracy, plot_id_profile, plot_lambda_heatmap, plot_lambda_movement
+
+log = logging.getLogger(__name__)
 
 __all__ = ["datamodule_from_checkpoint", "evaluate_caches", "log_report_to_tensorboard", "write_report"]
 
@@ -190,7 +193,9 @@ def write_report(
     described = [r["unit"] for r in movement if r["kind"] in ("head", "mlp", "emb")][:top_units]
     descriptions: list[str] = []
     spans: list[dict[str, Any]] = []
-    if described:
+    if described and not dm.backbone.has_text:
+        log.info("TextSpan skipped: the %s backbone has no text tower", dm.backbone.library)
+    elif described:
         templates = dm.templates
         if bank is None or isinstance(bank, str | Path):
             descriptions = load_bank(bank, dm.class_names, templates[0] if templates else "a photo of a {}.")

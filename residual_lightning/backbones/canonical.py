@@ -199,6 +199,8 @@ class MapPool:
         norm: the LayerNorm before the pool's MLP, or None.
         mlp: the pool's MLP used as a function, or None (no MLP branch).
         reduce: ``"first"`` (latent query 0) or ``"mean"`` (mean over the Q latent queries).
+        num_prefix_tokens: leading tokens (class/register) the pool does not attend to (timm's
+            ``attn_pool`` without ``pool_include_prefix``); 0: every token.
     """
 
     latent: Tensor
@@ -206,6 +208,7 @@ class MapPool:
     norm: nn.LayerNorm | None
     mlp: Module | None
     reduce: Literal["first", "mean"] = "first"
+    num_prefix_tokens: int = 0
 
     def attend(self, x: Tensor) -> Tensor:
         """The attention part (N, Q, W) over tokens x (N, T, W), before the MLP branch."""
@@ -218,7 +221,7 @@ class MapPool:
         return F.linear(ctx, self.attention.out_weight, self.attention.out_bias)  # (N, Q, W)
 
     def __call__(self, x: Tensor) -> Tensor:
-        p = self.attend(x)  # (N, Q, W)
+        p = self.attend(x[:, self.num_prefix_tokens :])  # (N, Q, W)
         if self.mlp is not None:
             p = p + self.mlp(self.norm(p) if self.norm is not None else p)
         return p[:, 0] if self.reduce == "first" else p.mean(1)  # (N, W)
@@ -256,10 +259,16 @@ class Readout:
         return "avg_ln" if self.norm_after_pool else "ln_avg"
 
     @property
+    def pooler_units(self) -> tuple[str, ...]:
+        """Units the readout adds after the heads: ``pool.mlp``, a MAP pool's own MLP branch."""
+        has_mlp = self.pool == "map" and self.map_pool is not None and self.map_pool.mlp is not None
+        return ("pool.mlp",) if has_mlp else ()
+
+    @property
     def rows(self) -> slice:
         """The token rows the readout reads: token 0, or every token after the prefix."""
         if self.pool == "map":
-            return slice(0, None)
+            return slice(self.map_pool.num_prefix_tokens if self.map_pool is not None else 0, None)
         return slice(0, 1) if self.pool == "tok" else slice(self.num_prefix_tokens, None)
 
     def pool_rows(self, rows: Tensor) -> Tensor:
@@ -314,6 +323,8 @@ class CanonicalViT:
             width=self.width,
             pool=self.readout.layout_pool,
             library=self.library,
+            pooler_units=self.readout.pooler_units,
+            compact=self.readout.pool != "map",
         )
 
     def forward(self, images: Tensor) -> Tensor:

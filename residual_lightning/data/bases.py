@@ -75,6 +75,7 @@ def load_or_fit_bases(
         ref.head_maps,
         convention=convention,
         metadata={"reference": reference, "dataset": key["dataset"], "samples": len(ref)},
+        layout=ref.layout,
     )
     if rank == 0:
         bases.save(path, key=key)  # atomic, checksummed

@@ -7,7 +7,12 @@ Layout of one cache (a folder named by the digest of its `CacheKey`)::
     mlps.npy           (N, L, D)     MLP contributions
     emb.npy            (N, D)        emb contribution
     labels.npy         (N,)          int64
-    head_maps.safetensors            (L, H, D, k) float32 fixed maps
+    pooler.npy         (N, P, D)     pooler units (MAP readouts' ``pool.mlp``), only where P > 0
+    head_maps.safetensors            (L, H, D, k) float32 fixed maps (not in full-form caches)
+
+A layout with pooler units or full-form heads (MAP readouts: heads (N, L, H, D), their head maps the
+identity) records its `UnitLayout.form` in meta.json (``"form"``) and ``"head_maps": "identity"``
+instead of a head-maps file; a compact cache has neither, so its files are as they always were.
     progress/rank*.json              chunks written so far (while incomplete)
 
 `CacheWriter` (in `writer.py`) creates the arrays as `.npy` files at full size with their disk
@@ -38,14 +43,17 @@ import torch
 from filelock import FileLock
 from torch import Tensor
 
-from residual_lightning.contributions import Contributions, UnitLayout
+from residual_lightning.contributions import Contributions, UnitLayout, identity_maps, shared_maps
 from residual_lightning.data.keys import CacheKey
 from residual_lightning.data.writer import (
-    ARRAYS,
+    IDENTITY_MAPS,
+    POOLER,
     CacheWriter,
     array_specs,
     chunk_digest,
     load_head_maps,
+    meta_form,
+    meta_pooler_units,
     open_array,
     read_meta,
 )
@@ -67,11 +75,21 @@ class ActivationCache:
         self.path = path
         self.meta = meta
         s = meta["shape"]
-        specs = array_specs(
-            len(self), (s["layers"], s["heads"], s["k"], s["output_dim"]), meta["key"]["dtype"]
-        )
-        self.arrays = {name: open_array(path / f"{name}.npy", *specs[name]) for name in ARRAYS}
-        self.head_maps: Tensor = load_head_maps(path / "head_maps.safetensors")
+        dims = (s["layers"], s["heads"], s["k"], s["output_dim"])
+        self.pooler_units = meta_pooler_units(meta)
+        extra_names = meta["names"][1 + s["layers"] + s["layers"] * s["heads"] :]
+        if extra_names != self.pooler_units:
+            raise CacheError(
+                f"{path / 'meta.json'} names the pooler units {extra_names} but stores {self.pooler_units} "
+                "(a cache written before pooler units were cached)"
+            )
+        specs = array_specs(len(self), dims, meta["key"]["dtype"], len(self.pooler_units))
+        self.arrays = {name: open_array(path / f"{name}.npy", *spec) for name, spec in specs.items()}
+        self.identity = meta.get("head_maps") == IDENTITY_MAPS
+        if self.identity:  # full-form heads: the identity, never stored nor materialised
+            self.head_maps: Tensor = identity_maps(s["layers"], s["heads"], s["output_dim"])
+        else:
+            self.head_maps = load_head_maps(path / "head_maps.safetensors")
 
     @classmethod
     def open(cls, path: str | Path, key: CacheKey | None = None, verify: bool = True) -> ActivationCache:
@@ -127,6 +145,8 @@ class ActivationCache:
                     f"(samples {start}-{stop}); delete it or rebuild with on_mismatch='rebuild'"
                 )
         maps = self.path / "head_maps.safetensors"
+        if self.identity:
+            return
         if self.meta.get("head_maps_sha256", file_sha256(maps)) != file_sha256(maps):
             raise CacheError(f"head maps {maps} are corrupt: they do not match their recorded checksum")
 
@@ -148,7 +168,7 @@ class ActivationCache:
         """The layout of the cached units (shape and convention from meta.json)."""
         shape = self.meta["shape"]
         dims = (shape["layers"], shape["heads"], shape["k"], shape["output_dim"])
-        return UnitLayout.from_shape(dims, self.meta["key"]["convention"])
+        return UnitLayout.from_shape(dims, self.meta["key"]["convention"], meta_form(self.meta))
 
     def batch(self, indices: np.ndarray | list[int] | slice) -> Contributions:
         """Read a batch (float32 tensors, with labels; the head maps stay with the cache).
@@ -157,13 +177,18 @@ class ActivationCache:
         """
         if not isinstance(indices, slice):
             indices = np.asarray(indices)
-        parts = {name: torch.from_numpy(np.array(self.arrays[name][indices])) for name in ARRAYS}
-        return Contributions(
+        parts = {name: torch.from_numpy(np.array(self.arrays[name][indices])) for name in self.arrays}
+        out = Contributions(
             heads=parts["heads"].float(),
             mlps=parts["mlps"].float(),
             emb=parts["emb"].float(),
             label=parts["labels"],
         )
+        if POOLER in parts:  # pooler units by name (`Contributions.pooler_names` reads the names)
+            pooled = parts[POOLER].float()  # (N, P, D)
+            out.names = list(self.names)
+            out.extra = {name: pooled[:, i] for i, name in enumerate(self.pooler_units)}
+        return out
 
     def iter_batches(self, batch_size: int = 4096) -> Iterable[Contributions]:
         """Sequential batches over the whole cache (for PCA and analyses)."""
@@ -177,6 +202,7 @@ def write_cache(
     compact: Contributions,
     labels: Tensor | None = None,
     chunk_size: int = 4096,
+    head_width: int | None = None,
 ) -> ActivationCache:
     """Write in-memory contributions as a complete, checksummed cache (synthetic data, tests, imports).
 
@@ -186,13 +212,23 @@ def write_cache(
         compact: contributions of all N samples, with their head maps and unit names.
         labels: (N,) labels (default: ``compact.label``).
         chunk_size: samples per chunk.
+        head_width: d of full-form heads (recorded in the form; default k).
     """
     labels = compact.label if labels is None else labels
     if labels is None:
         raise ValueError("write_cache needs labels: pass labels= or contributions with a label")
     n, layers, heads, k = compact.heads.shape
     shape = (layers, heads, k, compact.mlps.shape[-1])
-    writer = CacheWriter(path, key, n, shape, compact.names, compact.head_maps, chunk_size=chunk_size)
+    pooler = compact.pooler_names()
+    full = shared_maps(compact.head_maps)
+    form = (
+        {"compact": not full, "head_width": head_width or k, "pooler_units": pooler}
+        if pooler or full
+        else None
+    )
+    writer = CacheWriter(
+        path, key, n, shape, compact.names, compact.head_maps, chunk_size=chunk_size, form=form
+    )
     for chunk in writer.pending_chunks():
         start, stop = writer.chunk_range(chunk)
         writer.write(np.arange(start, stop), compact[start:stop], labels[start:stop])

@@ -35,7 +35,7 @@ from residual_lightning.data.parts import autocast_dtype, load_parts, preprocess
 from residual_lightning.data.predict import predict_dataset, predict_files, predict_loader, sample_names
 from residual_lightning.data.registry import get_dataset_spec
 from residual_lightning.spectral import UnitBases
-from residual_lightning.units import BackboneSpec, layout_from_config
+from residual_lightning.units import BackboneSpec
 
 PARTS = ("train", "val", "test")
 DEFAULT_CACHE_DIR = os.environ.get("RESIDUAL_LIGHTNING_CACHE", ".cache/residual-lightning")
@@ -176,7 +176,7 @@ class ResidualDataModule(L.LightningDataModule):
     @property
     def layout(self) -> UnitLayout:
         """The layout of the cached units, from the backbone's config (no weights needed)."""
-        return layout_from_config(self.backbone.model_name, self.convention)
+        return self.backbone.layout(self.convention)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -261,8 +261,9 @@ class ResidualDataModule(L.LightningDataModule):
 
     def preprocessing(self) -> str:
         """What determines the images fed to the backbone besides its name and weights
-        (`residual_lightning.data.parts.preprocessing_name`: the open_clip version, the autocast dtype)."""
-        return preprocessing_name(self.amp_dtype())
+        (`residual_lightning.data.parts.preprocessing_name`: the library and its version, the
+        autocast dtype)."""
+        return preprocessing_name(self.amp_dtype(), self.backbone.preprocessing_id)
 
     def amp_dtype(self) -> torch.dtype | None:
         """Autocast dtype of extraction, from the trainer's precision (``bf16-mixed``, ``16-mixed``)."""
@@ -301,13 +302,17 @@ class ResidualDataModule(L.LightningDataModule):
         ]
 
     def prepare_data(self) -> None:
-        """Build missing caches and the text classifier (one process). Nothing to do when all exist."""
+        """Build missing caches and the text classifier (one process). Nothing to do when all exist.
+
+        A vision-only backbone (timm, DINOv2, ViT) has no text classifier: its models use
+        class-mean prototypes of the train cache.
+        """
         if self.mode == "images":  # finetune reads images: only the text classifier is prepared
-            self.classifier()
+            self._prepare_classifier()
             return
         missing = self.missing()
         if not missing:
-            self.classifier()  # verified; built or rebuilt (loading the backbone) only if it must be
+            self._prepare_classifier()  # verified; built or rebuilt (loading the backbone) only if it must be
             return
         world = self.trainer.world_size if self.trainer is not None else 1
         if missing and world > 1:
@@ -326,7 +331,11 @@ class ResidualDataModule(L.LightningDataModule):
                 num_workers=self.num_workers,
                 on_mismatch=self.on_mismatch,
             )
-        self.classifier()
+        self._prepare_classifier()
+
+    def _prepare_classifier(self) -> None:
+        if self.backbone.has_text:
+            self.classifier()
 
     # ---------------------------------------------------------------- reading
 
@@ -376,6 +385,17 @@ class ResidualDataModule(L.LightningDataModule):
         return load_or_build_classifier(
             backbone, self.class_names, self.templates, self.cache_dir, self.on_mismatch
         )
+
+    def classifier_bias(self) -> float | None:
+        """The text classifier's logit bias (SigLIP's sigmoid logits), None for softmax models."""
+        from residual_lightning.classifier import load_or_build_classifier
+
+        if not self.backbone.has_text:
+            return None
+        backbone = self._backbone if self._backbone is not None else self.backbone
+        return load_or_build_classifier(
+            backbone, self.class_names, self.templates, self.cache_dir, self.on_mismatch, with_bias=True
+        )[2]
 
     def bases(self) -> UnitBases:
         """PCA bases of every unit on the reference set, fitted once into a keyed file.

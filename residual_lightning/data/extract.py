@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -62,6 +62,7 @@ def open_writer(job: ExtractionJob, model: torch.nn.Module, chunk_size: int, ran
         probe = decompose_compact(model, image.to(param.device), job.key.convention)
     k = probe.heads.shape[-1]
     meta = {"class_names": list(getattr(job.dataset, "class_names", []) or [])}
+    layout = replace(layout, convention=job.key.convention)
     return CacheWriter(
         job.path,
         job.key,
@@ -72,6 +73,7 @@ def open_writer(job: ExtractionJob, model: torch.nn.Module, chunk_size: int, ran
         chunk_size=chunk_size,
         extra_meta=meta,
         rank=rank,
+        form=layout.form,  # pooler units and full-form heads (None: compact, as always)
     )
 
 

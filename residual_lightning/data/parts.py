@@ -98,21 +98,23 @@ def selection(
     )
 
 
-def preprocessing_name(amp: torch.dtype | None) -> str:
+def preprocessing_name(amp: torch.dtype | None, backbone: str | None = None) -> str:
     """What determines the images fed to the backbone besides its name and weights.
 
-    Images go through open_clip's own eval transform of the backbone (no augmentation, so the
-    cached contributions are exact for training), so the open_clip version pins it; a cache
-    extracted under mixed precision records it too.
+    Images go through the library's own eval transform of the backbone (no augmentation, so the
+    cached contributions are exact for training): with the model name and weights, the library
+    and its version pin it (`BackboneSpec.preprocessing_id`, e.g. ``open_clip-eval-3.3.0``); a
+    cache extracted under mixed precision records it too.
 
     Args:
         amp: autocast dtype of extraction, or None.
+        backbone: the backbone's `preprocessing_id` (None: the installed open_clip's).
     """
-    import open_clip
+    if backbone is None:
+        import open_clip
 
-    return f"open_clip-eval-{open_clip.__version__}" + (
-        f"|autocast-{amp}".replace("torch.", "") if amp else ""
-    )
+        backbone = f"open_clip-eval-{open_clip.__version__}"
+    return backbone + (f"|autocast-{amp}".replace("torch.", "") if amp else "")
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from residual_lightning.contributions import Contributions
+from residual_lightning.contributions import Contributions, shared_maps
 from residual_lightning.data.keys import CacheKey
 from residual_lightning.files import (
     CacheError,
@@ -36,26 +37,45 @@ from residual_lightning.files import (
 log = logging.getLogger(__name__)
 
 ARRAYS = ("heads", "mlps", "emb", "labels")
+POOLER = "pooler"  # (N, P, D) pooler units' contributions: only in caches of layouts with some
+IDENTITY_MAPS = "identity"  # meta["head_maps"] of full-form caches: no head_maps file
 
 
 def chunk_digest(arrays: dict[str, np.ndarray], start: int, stop: int) -> str:
-    """sha256 of samples [start, stop) of every array."""
+    """sha256 of samples [start, stop) of every array (the pooler's last, where there is one)."""
     h = hashlib.sha256()
-    for name in ARRAYS:
-        h.update(np.ascontiguousarray(arrays[name][start:stop]).tobytes())
+    for name in (*ARRAYS, POOLER):
+        if name in arrays:
+            h.update(np.ascontiguousarray(arrays[name][start:stop]).tobytes())
     return h.hexdigest()
 
 
-def array_specs(n: int, shape: tuple[int, int, int, int], dtype: str) -> dict[str, tuple[tuple, np.dtype]]:
-    """Shape and dtype of each array of a cache of `n` samples, with ``shape = (L, H, k, D)``."""
+def array_specs(
+    n: int, shape: tuple[int, int, int, int], dtype: str, pooler_units: int = 0
+) -> dict[str, tuple[tuple, np.dtype]]:
+    """Shape and dtype of each array of a cache of `n` samples, with ``shape = (L, H, k, D)`` and
+    `pooler_units` P pooler units (a ``pooler`` array (N, P, D) only when P > 0)."""
     layers, heads, k, d = shape
     dt = np.dtype(dtype)
-    return {
+    specs = {
         "heads": ((n, layers, heads, k), dt),  # (N, L, H, k)
         "mlps": ((n, layers, d), dt),  # (N, L, D)
         "emb": ((n, d), dt),  # (N, D)
         "labels": ((n,), np.dtype("int64")),  # (N,)
     }
+    if pooler_units:
+        specs[POOLER] = ((n, pooler_units, d), dt)  # (N, P, D)
+    return specs
+
+
+def meta_form(meta: dict) -> dict | None:
+    """The `UnitLayout.form` a cache's meta.json records (None: compact, no pooler units)."""
+    return meta.get("form")
+
+
+def meta_pooler_units(meta: dict) -> list[str]:
+    """The pooler units a cache's meta.json records."""
+    return list((meta_form(meta) or {}).get("pooler_units", []))
 
 
 def open_array(file: Path, shape: tuple, dtype: np.dtype, mode: Literal["r", "r+"] = "r") -> np.memmap:
@@ -124,9 +144,12 @@ class CacheWriter:
         num_samples: N.
         shape: (L, H, k, D).
         names: unit names.
-        head_maps: (L, H, D, k) fixed maps.
+        head_maps: (L, H, D, k) fixed maps; full-form ones (the identity expanded over (L, H))
+            are not stored: meta.json says ``"head_maps": "identity"``.
         chunk_size: samples per chunk (the unit of resumption).
         extra_meta: stored in meta.json (class names, templates, ...).
+        form: `UnitLayout.form` of a layout with pooler units or full-form heads (recorded in
+            meta.json; its pooler units get the ``pooler`` array).
         rank: this process's rank (progress files are per rank, merged at `finalize`; only rank 0
             restarts a partial cache).
 
@@ -147,6 +170,7 @@ class CacheWriter:
         chunk_size: int = 1024,
         extra_meta: dict | None = None,
         rank: int = 0,
+        form: dict | None = None,
     ) -> None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -155,8 +179,12 @@ class CacheWriter:
         self.n = num_samples
         self.chunk_size = chunk_size
         self.rank = rank
-        self.shapes = array_specs(num_samples, shape, key.dtype)
+        pooler = list((form or {}).get("pooler_units", []))
+        self.shapes = array_specs(num_samples, shape, key.dtype, len(pooler))
         layers, heads, k, d = shape
+        self.identity = shared_maps(head_maps)
+        if self.identity and not torch.equal(head_maps[0, 0].cpu(), torch.eye(d, dtype=head_maps.dtype)):
+            raise ValueError("shared head maps must be the full form's identity (nothing else is stored)")
         self.meta = {
             "key": asdict(key),
             "num_samples": num_samples,
@@ -166,6 +194,10 @@ class CacheWriter:
             "complete": False,
             **(extra_meta or {}),
         }
+        if form:  # only layouts with pooler units or full-form heads: compact caches are unchanged
+            self.meta["form"] = dict(form)
+        if self.identity:
+            self.meta["head_maps"] = IDENTITY_MAPS
         self.arrays: dict[str, np.memmap] = {}
         self.done: dict[int, str] = {}
         self.mine: dict[str, str] = {}  # this rank's records
@@ -200,9 +232,11 @@ class CacheWriter:
 
     def _why_not_resumable(self, old: dict | None) -> str | None:
         """Why the partial cache in the folder cannot be resumed (None: it can, or there is none)."""
-        layout = ("num_samples", "chunk_size", "shape")
+        layout = ("num_samples", "chunk_size", "shape", "form")
         changed = [
-            f"{f} {old.get(f)} -> {self.meta[f]}" for f in layout if old and old.get(f) != self.meta[f]
+            f"{f} {old.get(f)} -> {self.meta.get(f)}"
+            for f in layout
+            if old and old.get(f) != self.meta.get(f)
         ]
         if changed:
             return f"its layout changed ({', '.join(changed)})"
@@ -211,7 +245,7 @@ class CacheWriter:
             for name, (shape, dtype) in self.shapes.items():
                 if recorded or (self.path / f"{name}.npy").exists():
                     open_array(self.path / f"{name}.npy", shape, dtype)
-            if (self.path / "head_maps.safetensors").exists():
+            if not self.identity and (self.path / "head_maps.safetensors").exists():
                 load_head_maps(self.path / "head_maps.safetensors")
         except CacheError as err:
             return str(err)
@@ -220,7 +254,7 @@ class CacheWriter:
     def _clear(self) -> None:
         """Delete a partial cache's files; progress first, so a kill midway leaves no stale records."""
         shutil.rmtree(self.path / "progress", ignore_errors=True)
-        for name in (*(f"{a}.npy" for a in ARRAYS), "head_maps.safetensors", "meta.json"):
+        for name in (*(f"{a}.npy" for a in (*ARRAYS, POOLER)), "head_maps.safetensors", "meta.json"):
             (self.path / name).unlink(missing_ok=True)
 
     def _create_missing_files(self, head_maps: Tensor) -> None:
@@ -231,7 +265,7 @@ class CacheWriter:
             if not (file := self.path / f"{name}.npy").exists()
         ]
         maps = self.path / "head_maps.safetensors"
-        if not maps.exists():
+        if not self.identity and not maps.exists():
             blob = safetensors_bytes({"head_maps": head_maps.detach().float().cpu().contiguous()})
             todo.append((maps, len(blob), lambda f: atomic_write_bytes(f, blob)))
         create_files(self.path, todo, "the activation cache")
@@ -265,6 +299,13 @@ class CacheWriter:
         self.arrays["mlps"][indices] = compact.mlps.detach().cpu().numpy().astype(dt)
         self.arrays["emb"][indices] = compact.emb.detach().cpu().numpy().astype(dt)
         self.arrays["labels"][indices] = labels.cpu().numpy()
+        if POOLER in self.arrays:
+            names = self.meta["form"]["pooler_units"]
+            missing = [name for name in names if name not in compact.extra]
+            if missing:
+                raise ValueError(f"the contributions lack the pooler units {missing} this cache stores")
+            pooled = torch.stack([compact.extra[name].detach() for name in names], dim=1)  # (N, P, D)
+            self.arrays[POOLER][indices] = pooled.cpu().numpy().astype(dt)
 
     def commit_chunk(self, chunk: int) -> None:
         """Flush a fully written chunk and record it with its checksum."""
@@ -273,7 +314,8 @@ class CacheWriter:
         for arr in self.arrays.values():
             arr.flush()
         start, stop = self.chunk_range(chunk)
-        if not all(np.isfinite(self.arrays[a][start:stop]).all() for a in ("heads", "mlps", "emb")):
+        floats = [a for a in ("heads", "mlps", "emb", POOLER) if a in self.arrays]
+        if not all(np.isfinite(self.arrays[a][start:stop]).all() for a in floats):
             raise CacheError(
                 f"non-finite contributions (NaN/Inf) in samples {start}-{stop} of {self.path}; "
                 "check the model's precision and the input images"
@@ -307,7 +349,8 @@ class CacheWriter:
         if missing:
             raise CacheError(f"cannot finalise {self.path}: chunks {missing[:10]} were never written")
         meta = dict(self.meta, complete=True, checksums=[self.done[c] for c in range(self.num_chunks)])
-        meta["head_maps_sha256"] = file_sha256(self.path / "head_maps.safetensors")
+        if not self.identity:
+            meta["head_maps_sha256"] = file_sha256(self.path / "head_maps.safetensors")
         meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write_json(self.path / "meta.json", meta)
         shutil.rmtree(self.path / "progress", ignore_errors=True)

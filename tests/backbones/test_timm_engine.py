@@ -58,7 +58,6 @@ REFUSED = {
     "ParallelScalingBlock": (dict(block_fn=ParallelScalingBlock), "ParallelScalingBlock"),
     "ParallelThingsBlock": (dict(block_fn=ParallelThingsBlock), "ParallelThingsBlock"),
     "DiffAttention": (dict(attn_layer="diff"), "DiffAttention"),
-    "map": (dict(global_pool="map"), "'map'.*next increment"),
     "prr": (dict(global_pool="prr"), "'prr'"),
     "max": (dict(global_pool="max"), "'max'"),
     "avgmax": (dict(global_pool="avgmax"), "'avgmax'"),
