@@ -1,4 +1,4 @@
-"""Lightning callbacks of the training recipe: TensorBoard pictures, the predictions CSV, and the
+"""Lightning callbacks of the training recipe: pictures for the loggers, the predictions CSV, and the
 LR finder that ``lr: auto`` runs before fitting.
 
 The pictures themselves are drawn by `residual_lightning.plots`. Schedule-free train/eval
@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
+import time
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from residual_lightning.plots import (
+    class_accuracy_figure,
     confusion_figure,
     lambda_figure,
     log_figure,
@@ -26,42 +29,88 @@ from residual_lightning.plots import (
 log = logging.getLogger(__name__)
 
 
-def _experiment(trainer: L.Trainer):
-    """The TensorBoard SummaryWriter, or None with another (or no) logger."""
-    exp = getattr(trainer.logger, "experiment", None) if trainer.logger else None
-    return exp if hasattr(exp, "add_image") else None
+def _loggers(trainer: L.Trainer) -> list:
+    """The trainer's loggers (empty without one); `log_figure` skips those without image support."""
+    return list(getattr(trainer, "loggers", None) or ([trainer.logger] if trainer.logger else []))
 
 
 class ResidualPlots(L.Callback):
-    """Logs pictures to TensorBoard: λ heatmap per epoch, spectra at the start, test confusion matrix."""
+    """Pictures for every logger with image support (`plots.log_figure`): the spectra at the start,
+    the λ heatmap per epoch, and after testing the confusion matrix (the most confused pairs beyond
+    30 classes) and the per-class accuracy, also written as ``test_per_class_accuracy.csv`` in the
+    logger's run folder. Also times the fit for the end-of-fit summary (`fit_seconds`).
+    """
+
+    def __init__(self) -> None:
+        self.fit_seconds: float | None = None
+        self._fit_started: float | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         """Spectra of the transformed units' PCA bases and the learned-parameter count."""
-        exp = _experiment(trainer)
+        self._fit_started, self.fit_seconds = time.perf_counter(), None
         if pl_module.logger is not None:
             pl_module.logger.log_metrics({"params/learned": float(pl_module.num_learned())}, step=0)
         dm = trainer.datamodule
-        if exp is None or dm is None or pl_module.method not in ("residual", "residual_star"):
+        loggers = _loggers(trainer)
+        if not loggers or dm is None or pl_module.method not in ("residual", "residual_star"):
             return
-        log_figure(exp, "spectra/explained_variance", spectra_figure(dm.bases()), step=0)
+        if trainer.is_global_zero:
+            log_figure(loggers, "spectra/explained_variance", spectra_figure(dm.bases()), step=0)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        """Record the fit's wall time."""
+        if self._fit_started is not None:
+            self.fit_seconds = time.perf_counter() - self._fit_started
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         """λ heatmap (units x components) of this epoch."""
-        exp = _experiment(trainer)
-        if exp is None or pl_module.adapter is None or not trainer.is_global_zero:
+        loggers = _loggers(trainer)
+        if not loggers or pl_module.adapter is None or not trainer.is_global_zero:
             return
-        fig = lambda_figure(pl_module.adapter.unit_weights())
+        fig = lambda_figure(
+            pl_module.adapter.unit_weights(), title=f"Learned λ after epoch {trainer.current_epoch}"
+        )
         if fig is not None:
-            log_figure(exp, "adapter/lambda", fig, step=trainer.current_epoch)
+            log_figure(loggers, "adapter/lambda", fig, step=trainer.current_epoch)
 
     def on_test_end(self, trainer: L.Trainer, pl_module) -> None:
-        """The test confusion matrix."""
-        exp = _experiment(trainer)
-        matrix = getattr(pl_module, "confusion_matrix", None)
-        if exp is None or matrix is None or not trainer.is_global_zero:
+        """The test confusion matrix and per-class accuracy (figure and CSV)."""
+        # `trainer.log_dir` broadcasts from rank 0: every rank must ask, before any returns.
+        folder = trainer.log_dir or trainer.default_root_dir
+        if not trainer.is_global_zero:
             return
-        figure = confusion_figure(matrix, pl_module.class_names)
-        log_figure(exp, "test/confusion_matrix", figure, step=trainer.global_step)
+        loggers = _loggers(trainer)
+        names = list(getattr(pl_module, "class_names", []) or [])
+        matrix = getattr(pl_module, "confusion_matrix", None)
+        if loggers and matrix is not None:
+            log_figure(loggers, "test/confusion_matrix", confusion_figure(matrix, names), trainer.global_step)
+        per_class = getattr(pl_module, "per_class_accuracy", None)
+        if per_class is None:
+            return
+        if loggers:
+            figure = class_accuracy_figure(per_class, names)
+            log_figure(loggers, "test/class_accuracy", figure, step=trainer.global_step)
+        if folder:
+            path = write_class_accuracy_csv(per_class, names, Path(folder) / "test_per_class_accuracy.csv")
+            log.info("per-class test accuracy written to %s", path)
+
+
+def write_class_accuracy_csv(accuracy, class_names: list[str], path: str | Path) -> Path:
+    """Write ``class,accuracy`` rows (class order; empty accuracy for classes absent from the test set).
+
+    Args:
+        accuracy: (C,) accuracies.
+        class_names: the C names.
+        path: the CSV file (parent folders created).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "accuracy"])
+        for name, value in zip(class_names, [float(v) for v in accuracy]):
+            w.writerow([name, "" if math.isnan(value) else f"{value:.6f}"])
+    return path
 
 
 class PredictionCSV(BasePredictionWriter):
@@ -138,11 +187,12 @@ def find_lr(trainer: L.Trainer, model, datamodule, num_training: int = 50, min_l
     suggestion = finder.suggestion() if finder is not None else None
     model.lr = float(suggestion) if suggestion else 0.8
     log.info("LR finder suggests %s (using %s)", suggestion, model.lr)
-    exp = _experiment(trainer)
-    if exp is not None and finder is not None:
+    loggers = _loggers(trainer)
+    if loggers and finder is not None and trainer.is_global_zero:
         lrs, losses = finder.results["lr"], finder.results["loss"]
         suggested = lrs.index(suggestion) if suggestion in lrs else None
         figure = lr_finder_figure(lrs, losses, suggested, log_x=finder.mode == "exponential")
-        log_figure(exp, "lr_finder/curve", figure, step=0)
-        exp.add_scalar("lr_finder/suggestion", model.lr, 0)
+        log_figure(loggers, "lr_finder/curve", figure, step=0)
+    for logger in loggers:
+        logger.log_metrics({"lr_finder/suggestion": model.lr}, step=0)
     return model.lr

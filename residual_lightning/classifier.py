@@ -31,27 +31,47 @@ def text_classifier(
 ) -> Tensor:
     """(C, D) normalised mean text embedding per class, from an open_clip model and tokenizer.
 
+    open_clip's own `open_clip.build_zero_shot_classifier` (which returns the transpose, (D, C),
+    in the model's dtype), batched by classes so that a forward pass holds about `batch_size`
+    prompts.
+
     Args:
         model: an open_clip CLIP with a text tower.
         tokenizer: its tokenizer.
         class_names: C names.
         templates: prompt templates with one ``{}``.
-        batch_size: prompts per forward pass.
-        progress: show a progress bar over prompts.
+        batch_size: prompts per forward pass (rounded to whole classes, at least one).
+        progress: show a progress bar over classes.
     """
-    device = next(model.parameters()).device
+    import open_clip  # imported here: open_clip takes seconds to import
 
-    def encode(texts: list[str]) -> Tensor:
-        return F.normalize(model.encode_text(tokenizer(texts).to(device)).float(), dim=-1)
-
-    return _classifier(encode, class_names, templates, batch_size, progress)
+    if not class_names or not templates:
+        raise ValueError("a text classifier needs at least one class name and one template")
+    weights = open_clip.build_zero_shot_classifier(
+        model,
+        tokenizer,
+        list(class_names),
+        list(templates),
+        num_classes_per_batch=max(1, batch_size // len(templates)),
+        device=next(model.parameters()).device,
+        use_tqdm=progress,
+    )
+    return weights.T.float().contiguous()
 
 
 @torch.inference_mode()
 def backbone_text_classifier(
     backbone, class_names: list[str], templates: list[str], batch_size: int = 256, progress: bool = False
 ) -> Tensor:
-    """(C, D) text classifier of a loaded `Backbone` of any library with a text tower."""
+    """(C, D) text classifier of a loaded `Backbone` of any library with a text tower.
+
+    open_clip backbones go through `text_classifier` (open_clip's own builder); the others
+    (Hugging Face) encode the prompts with `Backbone.text_features`.
+    """
+    if getattr(backbone, "library", "open_clip") == "open_clip" and backbone.tokenizer is not None:
+        return text_classifier(
+            backbone.model, backbone.tokenizer, class_names, templates, batch_size, progress
+        )
     return _classifier(backbone.text_features, class_names, templates, batch_size, progress)
 
 

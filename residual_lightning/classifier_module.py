@@ -353,11 +353,10 @@ class ClassifierModule(L.LightningModule, ABC):
         self._log_stage("val")
 
     def on_test_epoch_end(self) -> None:
-        """Log test metrics, per-class accuracy and keep the confusion matrix for plotting."""
+        """Log test metrics; keep the per-class accuracy and the confusion matrix for plotting
+        (`callbacks.ResidualPlots`: one figure each and a CSV, not one scalar per class)."""
         self._log_stage("test")
-        per_class = self.test_per_class.compute()
-        for name, value in zip(self.class_names, per_class):
-            self.log(f"test/class_accuracy/{name}", value, sync_dist=True)
+        self.per_class_accuracy = self.test_per_class.compute().cpu()  # (C,)
         self.confusion_matrix = self.test_confusion.compute().cpu()
         self.test_per_class.reset()
         self.test_confusion.reset()

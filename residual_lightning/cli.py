@@ -13,13 +13,44 @@ datasets x methods x seeds, `residual_lightning.grid`) have their own parsers.
 
 from __future__ import annotations
 
+import argparse
 import sys
+from importlib.metadata import PackageNotFoundError, version
+
+from jsonargparse import DefaultHelpFormatter
 
 from residual_lightning.data.datamodule import ResidualDataModule
 from residual_lightning.model import ResidualModel
 from residual_lightning.recipe import ResidualCLI, ResidualTrainer, print_summary
 
-__all__ = ["ResidualCLI", "ResidualTrainer", "main", "print_summary"]
+__all__ = ["ResidualCLI", "ResidualTrainer", "main", "package_version", "print_summary"]
+
+DESCRIPTION = """\
+ResiDual adapters for frozen vision-language backbones, trained with Lightning.
+
+  residual-lightning fit --config configs/quickstart.yaml
+  residual-lightning fit --help        the options of a subcommand (also validate, test, ...)"""
+
+EPILOG = """\
+more subcommands, with their own options:
+  analyze {intrinsic-dim,similarity,textspan,selection,report}
+                        analyses of residual units (intrinsic dimension, spectral
+                        similarity, head descriptions, unit selection, the report
+                        of a checkpoint): residual-lightning analyze --help
+  grid                  backbones x datasets x methods x seeds, results in one
+                        table: residual-lightning grid --help"""
+
+
+class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help, keeping the line breaks of the description and the epilog."""
+
+
+def package_version() -> str:
+    """The installed version of residual-lightning (``unknown`` when it is not installed)."""
+    try:
+        return version("residual-lightning")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,6 +73,13 @@ def main(argv: list[str] | None = None) -> None:
             trainer_class=ResidualTrainer,
             args=argv,  # None: sys.argv, which DDP's launcher re-runs in each process
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={  # the top-level parser only: `residual-lightning --help`, `--version`
+                "prog": "residual-lightning",
+                "description": DESCRIPTION,
+                "epilog": EPILOG,
+                "formatter_class": _HelpFormatter,
+                "version": package_version(),
+            },
         )
     except ValueError as err:
         # jsonargparse wraps errors raised while computing a link (the data module's class names,

@@ -2,28 +2,39 @@
 
 One idiom throughout: a figure is a `matplotlib.figure.Figure` on its own Agg canvas
 (`new_figure`), never pyplot state, so drawing works headless, in worker processes and in a
-notebook without switching its backend. `save_png` writes a figure to disk and `log_figure` hands
-it to a logger. Functions named ``*_figure`` return the figure; ``plot_*`` draw and save a PNG
-and return its path.
+notebook without switching its backend (nothing here calls ``matplotlib.use``). `save_png` writes a
+figure to disk and `log_figure` hands it to any logger with image support, through that logger's
+own API. Functions named ``*_figure`` return the figure; ``plot_*`` draw and save a PNG and return
+its path.
 
 Letters: L layers, H heads per layer, K components, C classes.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import BoundaryNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "class_accuracy_figure",
     "confusion_figure",
+    "figure_image",
     "lambda_figure",
     "log_figure",
     "lr_finder_figure",
@@ -37,6 +48,7 @@ __all__ = [
     "plot_textspan",
     "save_png",
     "spectra_figure",
+    "top_confusions_figure",
 ]
 
 UNIT_COLOURS = {"head": "tab:blue", "mlp": "tab:orange", "emb": "tab:green", "output": "tab:purple"}
@@ -78,102 +90,280 @@ def save_png(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     return path
 
 
-def log_figure(experiment: Any, tag: str, fig: Figure, step: int = 0) -> None:
-    """Hand a figure to a logger: drawn here to RGB, then ``experiment.add_image`` (TensorBoard).
+def figure_image(fig: Figure) -> np.ndarray:
+    """The figure drawn on an Agg canvas, as an (H, W, 3) uint8 RGB array.
 
     Args:
-        experiment: a ``SummaryWriter`` (``trainer.logger.experiment`` of a TensorBoard logger).
-        tag: image tag.
         fig: the figure.
-        step: global step.
     """
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     canvas.draw()
-    image = np.asarray(canvas.buffer_rgba())[..., :3].copy()  # (H, W, 3) uint8
-    experiment.add_image(tag, image, step, dataformats="HWC")
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _artifact_name(tag: str, step: int) -> str:
+    """A file name for a tagged figure: ``<tag>/step_000012.png``, odd characters replaced."""
+    parts = [re.sub(r"[^\w.-]+", "_", p) for p in tag.split("/") if p]
+    return "/".join(parts or ["figure"]) + f"/step_{int(step):06d}.png"
+
+
+def log_figure(logger: Any, tag: str, fig: Figure, step: int = 0) -> bool:
+    """Hand a figure to a logger through that logger's own image API.
+
+    Tried in order: a TensorBoard ``SummaryWriter`` (``logger.experiment.add_figure``, or
+    ``add_image`` of the drawn RGB array), an MLflow client (``logger.experiment.log_figure(run_id,
+    figure, artifact_file)``, the file ``<tag>/step_<step>.png``), then the logger's own
+    ``log_image(key, images=[...], step=...)`` (W&B and other loggers), given the RGB array. A logger
+    with none of these is skipped (a debug message). Also accepted: a bare ``SummaryWriter``, a list
+    of loggers (``trainer.loggers``), or None.
+
+    Args:
+        logger: a Lightning logger (``trainer.logger``), a list of them, a SummaryWriter, or None.
+        tag: image tag (key).
+        fig: the figure.
+        step: global step.
+
+    Returns:
+        Whether some logger took the figure.
+    """
+    if logger is None:
+        return False
+    if isinstance(logger, (list, tuple)):
+        return any([log_figure(one, tag, fig, step) for one in logger])
+    exp = logger if hasattr(logger, "add_figure") or hasattr(logger, "add_image") else None
+    if exp is None and not hasattr(logger, "log_image"):
+        exp = getattr(logger, "experiment", None)
+    if exp is not None and callable(getattr(exp, "add_figure", None)):
+        exp.add_figure(tag, fig, step, close=False)
+        return True
+    if exp is not None and callable(getattr(exp, "add_image", None)):
+        exp.add_image(tag, figure_image(fig), step, dataformats="HWC")
+        return True
+    run_id = getattr(logger, "run_id", None)
+    if exp is not None and callable(getattr(exp, "log_figure", None)) and run_id is not None:
+        exp.log_figure(run_id, fig, _artifact_name(tag, step))
+        return True
+    if callable(getattr(logger, "log_image", None)):
+        logger.log_image(key=tag, images=[figure_image(fig)], step=step)
+        return True
+    log.debug("figure %r not logged: %s has no image support", tag, type(logger).__name__)
+    return False
 
 
 # -------------------- Training pictures (returned as figures, logged by the callbacks) -----
 
 
+def _layer_ticks(
+    ax: Any, layers: int, per_layer: int, axis: str = "y", label: bool = True, most: int = 16
+) -> None:
+    """Ticks at the middle of each layer's block of ``per_layer`` rows (at most ``most``
+    labelled), thin separators between the blocks."""
+    every = max(1, math.ceil(layers / max(most, 1)))
+    shown = list(range(0, layers, every))
+    centres = [i * per_layer + (per_layer - 1) / 2 for i in shown]
+    set_ticks = ax.set_yticks if axis == "y" else ax.set_xticks
+    set_ticks(centres, [f"L{i}" for i in shown] if label else [], fontsize=7)
+    if per_layer > 1:
+        line = ax.axhline if axis == "y" else ax.axvline
+        for i in range(1, layers):
+            line(i * per_layer - 0.5, color="white", lw=0.6)
+
+
 def lambda_figure(weights: dict[str, torch.Tensor], title: str | None = None) -> Figure | None:
-    """Heatmap of learned weights: one row per unit (heads, then MLPs), one column per component.
+    """Heatmap of learned weights: one panel per kind of unit (heads, MLPs, ...), one row per unit,
+    one column per component; layers ticked (``L0``, ``L1``, ...) and separated by thin lines.
 
     Args:
-        weights: ``adapter.unit_weights()`` (kind -> (..., K) values; NaN where not learned).
-        title: axes title; with one, the rows' kind labels stand alone (no "unit" axis label).
+        weights: ``adapter.unit_weights()`` (kind -> (..., K) values; NaN where not learned):
+            (L, H, K) heads give L blocks of H rows, (L, K) one row per layer, (K,) one row.
+        title: figure title (default: a generic one).
 
     Returns:
         The figure, or None when there are no weights.
     """
-    rows, labels = [], []
+    panels = []  # (kind, (rows, K) matrix, layers, rows per layer)
     for kind, values in weights.items():
         v = values.detach().float().cpu()
-        v = v.reshape(-1, v.shape[-1]) if v.ndim > 1 else v[None]  # (units, K)
-        rows.append(v)
-        labels.append((kind, v.shape[0]))
-    if not rows:
+        if v.ndim == 0 or v.numel() == 0:
+            continue
+        if v.ndim == 1:
+            panels.append((kind, v[None], 0, 1))
+        else:
+            layers = v.shape[0]
+            mat = v.reshape(-1, v.shape[-1])
+            panels.append((kind, mat, layers, mat.shape[0] // layers))
+    if not panels:
         return None
-    width = max(r.shape[1] for r in rows)
-    mat = torch.full((sum(r.shape[0] for r in rows), width), float("nan"))
-    start = 0
-    for r in rows:
-        mat[start : start + r.shape[0], : r.shape[1]] = r
-        start += r.shape[0]
-    fig = new_figure(8, min(12, 2 + 0.04 * mat.shape[0]), layout="tight")
-    ax = fig.subplots()
-    finite = mat[torch.isfinite(mat)]
+    finite = torch.cat([m[torch.isfinite(m)] for _, m, _, _ in panels])
     lim = float(finite.abs().max()) if finite.numel() else 1.0
-    im = ax.imshow(mat.numpy(), aspect="auto", cmap="coolwarm", vmin=-lim, vmax=lim, interpolation="nearest")
-    start = 0
-    for kind, n in labels:
-        ax.axhline(start - 0.5, color="k", lw=0.5)
-        ax.text(-0.5, start + n / 2, kind, ha="right", va="center", fontsize=8)
-        start += n
-    ax.set_xlabel("component (sorted by explained variance)")
-    ax.set_ylabel("" if title else "unit")
-    ax.set_yticks([])
-    fig.colorbar(im, ax=ax, label="λ")
-    if title:
-        ax.set_title(title, fontsize=9)
+    lim = lim if lim > 0 else 1.0
+    rows = sum(m.shape[0] for _, m, _, _ in panels)
+    ratios = [max(m.shape[0], 0.06 * rows, 1) for _, m, _, _ in panels]
+    height = min(12.0, 2.2 + 0.045 * rows + 0.35 * len(panels))
+    fig = new_figure(8.5, height)
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False, height_ratios=ratios)[:, 0]
+    width = max(m.shape[1] for _, m, _, _ in panels)
+    for ax, ratio, (kind, mat, layers, per_layer) in zip(axes, ratios, panels):
+        ax.patch.set(facecolor="white", edgecolor="0.75", hatch="////")  # shows through NaN cells
+        im = ax.imshow(
+            mat.numpy(), aspect="auto", cmap="coolwarm", vmin=-lim, vmax=lim, interpolation="nearest"
+        )
+        ax.set_xlim(-0.5, width - 0.5)
+        if layers:  # 7-point labels need ~0.11 inch each
+            _layer_ticks(
+                ax, layers, per_layer, most=min(16, int((height - 1.5) * ratio / sum(ratios) / 0.11))
+            )
+        else:
+            ax.set_yticks([])
+        unit = f"{kind}\n({per_layer}/layer)" if per_layer > 1 else kind
+        ax.set_ylabel(unit, rotation=0, ha="right", va="center", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    axes[-1].set_xlabel("principal component (sorted by explained variance)")
+    fig.colorbar(im, ax=list(axes), label="λ", shrink=0.9)
+    fig.suptitle(title or "Learned λ per unit and component (hatched: not learned)", fontsize=10)
     return fig
 
 
 def spectra_figure(bases: Any) -> Figure:
-    """Explained-variance ratio spectra of the heads (one line each) and of the MLPs.
+    """Explained-variance ratio spectra of the heads and of the MLPs, one line per unit, coloured by
+    depth (colour bar: layer).
 
     Args:
         bases: `UnitBases` (its ``heads`` and ``mlps`` bases).
     """
-    fig = new_figure(10, 3.5, layout="tight")
-    axes = fig.subplots(1, 2)
-    for ax, (kind, basis) in zip(axes, (("heads", bases.heads), ("MLPs", bases.mlps))):
-        ratio = basis.explained_variance_ratio.detach().cpu()
-        for r in ratio.reshape(-1, ratio.shape[-1]):  # (units, K)
-            ax.semilogy(np.arange(1, len(r) + 1), r.clamp_min(1e-8).numpy(), lw=0.5, alpha=0.5)
-        ax.set_title(f"{kind}: explained variance ratio")
-        ax.set_xlabel("component")
+    kinds = [(k, b) for k, b in (("heads", bases.heads), ("MLPs", bases.mlps)) if b is not None]
+    fig = new_figure(11, 3.8)
+    axes = fig.subplots(1, len(kinds), squeeze=False)[0]
+    layers = max(b.explained_variance_ratio.shape[0] for _, b in kinds)
+    cmap = colormaps["viridis"]
+    norm = BoundaryNorm(np.arange(-0.5, layers + 0.5), cmap.N)
+    for ax, (kind, basis) in zip(axes, kinds):
+        ratio = basis.explained_variance_ratio.detach().float().cpu()
+        ratio = ratio[:, None] if ratio.ndim == 2 else ratio  # (L, units per layer, K)
+        per_layer = ratio.shape[1]
+        x = np.arange(1, ratio.shape[-1] + 1)
+        for layer in range(ratio.shape[0]):
+            for r in ratio[layer]:
+                ax.semilogy(x, r.clamp_min(1e-8).numpy(), color=cmap(norm(layer)), lw=0.7, alpha=0.6)
+        unit = f"{per_layer} heads/layer" if per_layer > 1 else "one per layer"
+        ax.set_title(f"{kind}: explained variance ratio ({ratio.shape[0]} layers, {unit})", fontsize=9)
+        ax.set_xlabel("principal component")
+        ax.set_ylabel("explained variance ratio (log)")
+        ax.grid(alpha=0.3, which="major")
+    ticks = list(range(0, layers, max(1, math.ceil(layers / 12))))
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), label="layer (depth)", ticks=ticks)
     return fig
 
 
-def confusion_figure(matrix: torch.Tensor, class_names: list[str]) -> Figure:
-    """Row-normalised confusion matrix (true class in rows).
+def confusion_figure(matrix: torch.Tensor, class_names: list[str], max_classes: int = 30) -> Figure:
+    """Row-normalised confusion matrix (true class in rows); with more than ``max_classes`` classes,
+    `top_confusions_figure` instead (a matrix that large is unreadable).
 
     Args:
-        matrix: (C, C) rates.
-        class_names: the C names (tick labels up to 40 classes).
+        matrix: (C, C) rates, each row summing to 1 (0 for a class absent from the data).
+        class_names: the C names.
+        max_classes: the most classes drawn as a matrix.
     """
     n = len(class_names)
-    side = min(14, 2 + 0.35 * n)
-    fig = new_figure(side, side, layout="tight")
+    if n > max_classes:
+        return top_confusions_figure(matrix, class_names)
+    side = min(14, 3 + 0.35 * n)
+    fig = new_figure(side + 1.2, side)
     ax = fig.subplots()
-    im = ax.imshow(matrix.numpy(), cmap="Blues", vmin=0, vmax=1)
-    if n <= 40:
-        ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), class_names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    fig.colorbar(im, ax=ax)
+    values = torch.as_tensor(matrix).detach().float().cpu().numpy()
+    im = ax.imshow(values, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(n), class_names, rotation=_rotation(class_names), fontsize=7)
+    ax.set_yticks(range(n), class_names, fontsize=7)
+    if n <= 15:
+        for (i, j), v in np.ndenumerate(values):
+            if v >= 0.005:
+                colour = "white" if v > 0.5 else "black"
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color=colour)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    fig.colorbar(im, ax=ax, label="fraction of the true class", shrink=0.8)
+    ax.set_title(f"Test confusion matrix ({n} classes, rows normalised)", fontsize=10)
+    return fig
+
+
+def top_confusions_figure(matrix: torch.Tensor, class_names: list[str], top: int = 25) -> Figure:
+    """Horizontal bars of the most confused (true → predicted) pairs of a row-normalised confusion
+    matrix, the largest at the top.
+
+    Args:
+        matrix: (C, C) rates (true class in rows).
+        class_names: the C names.
+        top: pairs shown.
+    """
+    values = torch.as_tensor(matrix).detach().float().cpu().clone()
+    values.fill_diagonal_(0)
+    values = torch.nan_to_num(values, nan=0.0)
+    k = min(top, values.numel())
+    rates, flat = values.flatten().topk(k)
+    keep = rates > 0
+    rates, flat = rates[keep], flat[keep]
+    n = len(class_names)
+    pairs = [(class_names[i // n], class_names[i % n]) for i in flat.tolist()]
+    fig = new_figure(8, 1.4 + 0.26 * max(len(pairs), 3))
+    ax = fig.subplots()
+    y = np.arange(len(pairs))[::-1]
+    ax.barh(y, rates.numpy(), color="tab:red", alpha=0.8)
+    ax.set_yticks(y, [f"{_short(t)} → {_short(p)}" for t, p in pairs], fontsize=7)
+    ax.set_xlabel("fraction of the true class predicted as the other")
+    ax.set_xlim(0, max(float(rates.max()) * 1.1, 0.05) if len(rates) else 1)
+    ax.grid(axis="x", alpha=0.3)
+    if not pairs:
+        ax.text(0.5, 0.5, "no confusions", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(f"Most confused pairs, true → predicted (top {len(pairs)}, {n} classes)", fontsize=10)
+    return fig
+
+
+def _rotation(names: Sequence[str]) -> int:
+    """Vertical tick labels unless every name is short."""
+    return 0 if max((len(str(n)) for n in names), default=0) <= 3 else 90
+
+
+def _short(name: str, width: int = 28) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def class_accuracy_figure(accuracy: torch.Tensor | Sequence[float], class_names: list[str]) -> Figure:
+    """Per-class test accuracy as one bar chart: every class named up to 60 classes (in class
+    order), beyond that sorted with the 15 worst named.
+
+    Args:
+        accuracy: (C,) accuracies (NaN for classes absent from the test set).
+        class_names: the C names.
+    """
+    acc = torch.as_tensor(accuracy).detach().float().cpu().numpy()
+    n = len(class_names)
+    mean = float(np.nanmean(acc)) if np.isfinite(acc).any() else float("nan")
+    if n <= 60:
+        fig = new_figure(min(16, 3 + 0.28 * n), 4.2)
+        ax = fig.subplots()
+        ax.bar(np.arange(n), np.nan_to_num(acc), color="tab:blue")
+        labels = [_short(c, 20) for c in class_names]
+        ax.set_xticks(np.arange(n), labels, rotation=_rotation(labels), fontsize=7)
+        ax.set_xlabel("class")
+    else:
+        order = np.argsort(np.nan_to_num(acc, nan=-1.0))
+        fig = new_figure(11, 4.2)
+        ax = fig.subplots()
+        ax.bar(np.arange(n), np.nan_to_num(acc[order]), width=1.0, color="tab:blue")
+        ax.set_xlim(-0.5, n - 0.5)
+        worst = order[:15]
+        ax.set_xticks(
+            np.arange(len(worst)), [_short(class_names[i], 20) for i in worst], rotation=90, fontsize=7
+        )
+        ax.set_xlabel(f"classes sorted by accuracy (the {len(worst)} worst named)")
+    note = ""
+    if np.isfinite(mean):
+        ax.axhline(mean, color="k", ls="--", lw=1)
+        note = f"; dashed: mean over classes, {mean:.3f}"
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("test accuracy")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"Per-class test accuracy ({n} classes{note})", fontsize=10)
     return fig
 
 
@@ -188,15 +378,26 @@ def lr_finder_figure(
         suggested: index of the suggestion, or None.
         log_x: logarithmic learning-rate axis (the finder's exponential mode).
     """
-    fig = new_figure(6.4, 4.8, layout="tight")
+    fig = new_figure(6.4, 4.8)
     ax = fig.subplots()
-    ax.plot(lrs, losses)
+    ax.plot(lrs, losses, label="loss")
     if log_x:
         ax.set_xscale("log")
-    ax.set_xlabel("Learning rate")
-    ax.set_ylabel("Loss")
+    ax.set_xlabel("learning rate" + (" (log scale)" if log_x else ""))
+    ax.set_ylabel("training loss (smoothed)")
+    ax.grid(alpha=0.3)
     if suggested is not None:
-        ax.plot(lrs[suggested], losses[suggested], markersize=10, marker="o", color="red")
+        ax.plot(
+            lrs[suggested],
+            losses[suggested],
+            markersize=10,
+            marker="o",
+            color="red",
+            ls="",
+            label=f"suggested lr {lrs[suggested]:.3g}",
+        )
+        ax.legend(fontsize=8)
+    ax.set_title("LR finder", fontsize=10)
     return fig
 
 
@@ -438,6 +639,6 @@ def plot_lambda_heatmap(weights: dict[str, torch.Tensor], path: str | Path, dpi:
         path: PNG file to write.
         dpi: resolution.
     """
-    title = "Learned λ: one row per unit, one column per principal component (blank: not learned)"
+    title = "Learned λ: one row per unit, one column per principal component (hatched: not learned)"
     fig = lambda_figure(weights, title=title)
     return None if fig is None else save_png(fig, path, dpi)

@@ -174,6 +174,10 @@ class ResidualCLI(LightningCLI):
             model_class = ClassifierModule
             kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("parser_class", ResidualArgumentParser)
+        # One optimizer option: the model's own ``--model.optimizer`` (a callable of the parameters),
+        # not also Lightning's automatic ``--optimizer``/``--lr_scheduler``, which would replace
+        # the model's configure_optimizers (schedule-free AdamW, the lr finder's ``model.lr``).
+        kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(model_class, *args, **kwargs)
 
     @staticmethod
@@ -336,29 +340,42 @@ class ResidualCLI(LightningCLI):
                 self._write_report(best)
 
     def _write_report(self, ckpt: str) -> None:
-        """The analysis report of the best checkpoint, beside the logs and in TensorBoard."""
-        from residual_lightning.analysis.report import log_report_to_tensorboard, write_report
+        """The analysis report of the best checkpoint, beside the logs and in every logger."""
+        from residual_lightning.analysis.report import log_report, write_report
 
         out = Path(getattr(self.trainer.logger, "log_dir", None) or self.trainer.default_root_dir) / "report"
         path = write_report(ckpt, out, datamodule=self.datamodule)
-        exp = getattr(self.trainer.logger, "experiment", None)
-        if hasattr(exp, "add_text"):
-            log_report_to_tensorboard(exp, out)
+        log_report(self.trainer.loggers, out)  # TensorBoard, MLflow, W&B: each through its own API
         print(f"report: {path}")
 
 
 def print_summary(model: ClassifierModule, metrics: dict, best: str | None, trainer: Trainer) -> None:
-    """Zero-shot vs adapted test accuracy, learned parameters, where logs and checkpoints are."""
-    logdir = getattr(trainer.logger, "log_dir", None) if trainer.logger else None
-    zs, acc = metrics.get("test/zeroshot_accuracy"), metrics.get("test/accuracy")
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "n/a"  # noqa: E731
+    """Print the end-of-fit summary, a markdown table (`summary_rows`)."""
     untrained = trainer.global_step == 0
     if untrained:
         print(
             f"\nnot trained: no training step ran (trainer.max_epochs={trainer.max_epochs}); "
             f"the {model.method} accuracy below is that of the initial, untrained adapter"
         )
-    rows = [
+    print("\n" + markdown_table(("summary", "value"), summary_rows(model, metrics, best, trainer)) + "\n")
+
+
+def summary_rows(
+    model: ClassifierModule, metrics: dict, best: str | None, trainer: Trainer
+) -> list[tuple[str, str]]:
+    """The summary's rows: zero-shot vs adapted test accuracy, the learning rate used (the LR
+    finder's choice under ``lr: auto``), best validation accuracy, epochs run, wall time of the
+    fit, learned parameters, and where the logs and checkpoints are."""
+    logdir = getattr(trainer.logger, "log_dir", None) if trainer.logger else None
+    zs, acc = metrics.get("test/zeroshot_accuracy"), metrics.get("test/accuracy")
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "n/a"  # noqa: E731
+    untrained = trainer.global_step == 0
+    lr = getattr(model, "lr", None)
+    lr_text = f"{lr:.4g}" if isinstance(lr, (int, float)) else str(lr)
+    if model.hparams.get("lr") == "auto" and isinstance(lr, (int, float)):
+        lr_text += " (LR finder)"
+    seconds = _fit_seconds(trainer)
+    return [
         ("method", model.method),
         ("zero-shot test accuracy", fmt(zs)),
         (f"{model.method} test accuracy" + (" (untrained)" if untrained else ""), fmt(acc)),
@@ -366,9 +383,52 @@ def print_summary(model: ClassifierModule, metrics: dict, best: str | None, trai
             "gain (points)",
             f"{100 * (acc - zs):+.1f}" if isinstance(acc, float) and isinstance(zs, float) else "n/a",
         ),
+        ("best validation accuracy", fmt(_best_val_accuracy(trainer))),
+        ("learning rate", lr_text),
+        ("epochs run", str(trainer.current_epoch)),
+        ("wall time (fit)", _duration(seconds) if seconds is not None else "n/a"),
         ("learned parameters", f"{model.num_learned():,}"),
         ("TensorBoard logs", f"{logdir}  (tensorboard --logdir {Path(logdir).parent if logdir else 'runs'})"),
         ("best checkpoint", best or "none"),
     ]
-    width = max(len(k) for k, _ in rows)
-    print("\n" + "\n".join(f"| {k.ljust(width)} | {v} |" for k, v in rows) + "\n")
+
+
+def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """A GitHub-flavoured markdown table, columns padded; ``|`` in cells escaped."""
+    cells = [[str(c).replace("|", "\\|") for c in row] for row in [header, *rows]]
+    widths = [max(3, *(len(row[i]) for row in cells)) for i in range(len(header))]
+    line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+    separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), separator, *(line(row) for row in cells[1:])])
+
+
+def _best_val_accuracy(trainer: Trainer) -> float | None:
+    """The best ``val/accuracy`` that a checkpoint or early-stopping callback monitored, else None."""
+    for cb in [trainer.checkpoint_callback, *trainer.callbacks]:
+        monitor = getattr(cb, "monitor", None)
+        score = getattr(cb, "best_model_score", None) if isinstance(cb, ModelCheckpoint) else None
+        if isinstance(cb, EarlyStopping):
+            score = cb.best_score
+        value = float(score) if score is not None else float("nan")
+        if monitor == "val/accuracy" and abs(value) < float("inf"):  # False for NaN and inf
+            return value
+    return None
+
+
+def _fit_seconds(trainer: Trainer) -> float | None:
+    """Wall time of the fit, as timed by a callback with ``fit_seconds`` (`ResidualPlots`)."""
+    for cb in trainer.callbacks:
+        seconds = getattr(cb, "fit_seconds", None)
+        if isinstance(seconds, (int, float)):
+            return float(seconds)
+    return None
+
+
+def _duration(seconds: float) -> str:
+    """``42.3 s``, ``3 min 05 s`` or ``2 h 03 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"

@@ -27,16 +27,40 @@ def tags(logdir: Path) -> dict[str, list[str]]:
     return events
 
 
+def markdown_table(out: str) -> dict[str, str]:
+    """The summary printed by fit, checked to be a markdown table (header, separator, rows)."""
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    assert len(lines) >= 3, out
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    header, separator, rows = cells[0], cells[1], cells[2:]
+    assert header == ["summary", "value"], header
+    assert len(separator) == 2 and all(set(c) == {"-"} and len(c) >= 3 for c in separator), lines[1]
+    assert all(len(r) == 2 for r in rows), rows
+    return dict(rows)
+
+
 def test_fit_writes_scalars_images_and_summary(tmp_path, cache, capsys):
     main(["fit", *quick_args(tmp_path, cache, "--trainer.max_epochs", "3")])
     out = capsys.readouterr().out
     assert "zero-shot test accuracy" in out and "learned parameters" in out and "1,536" in out
+    summary = markdown_table(out)
+    assert summary["learning rate"] == "0.8" and summary["epochs run"] == "3"
+    assert 0 <= float(summary["best validation accuracy"]) <= 1 and summary["wall time (fit)"].endswith("s")
     logdir = next((tmp_path / "runs").glob("quickstart/version_*"))
     t = tags(logdir)
     for scalar in ("train/loss", "val/accuracy", "val/zeroshot_accuracy", "test/accuracy", "params/learned"):
         assert scalar in t["scalars"], (scalar, t["scalars"])
-    for image in ("adapter/lambda", "spectra/explained_variance", "test/confusion_matrix"):
+    assert not any(s.startswith("test/class_accuracy") for s in t["scalars"])  # one figure, not C scalars
+    for image in (
+        "adapter/lambda",
+        "spectra/explained_variance",
+        "test/confusion_matrix",
+        "test/class_accuracy",
+    ):
         assert image in t["images"], (image, t["images"])
+    with open(logdir / "test_per_class_accuracy.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["class", "accuracy"] and len(rows) == 11
     report = (logdir / "report" / "report.md").read_text()
     assert (
         "learned parameters" in report and (logdir / "report" / "lambda_movement.png").stat().st_size > 1000

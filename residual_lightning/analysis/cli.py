@@ -386,7 +386,7 @@ def _parser():
 
     parser = ArgumentParser(
         prog="residual-lightning analyze",
-        description="Analyses of residual units (method.md §4); each writes CSV/JSON and PNG into --out_dir.",
+        description="Analyses of residual units (docs/analysis.md); each writes CSV/JSON and PNG into --out_dir.",
     )
     subcommands = parser.add_subcommands(dest="command")
     for name, (fn, groups) in COMMANDS.items():

@@ -37,7 +37,13 @@ from residual_lightning.plots import plot_accuracy, plot_id_profile, plot_lambda
 
 log = logging.getLogger(__name__)
 
-__all__ = ["datamodule_from_checkpoint", "evaluate_caches", "log_report_to_tensorboard", "write_report"]
+__all__ = [
+    "datamodule_from_checkpoint",
+    "evaluate_caches",
+    "log_report",
+    "log_report_to_tensorboard",
+    "write_report",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,3 +387,24 @@ def log_report_to_tensorboard(
             f"{tag}/{png.stem}", np.ascontiguousarray(image[..., :3]), global_step, dataformats="HWC"
         )
     writer.flush()
+
+
+def log_report(loggers: Any, report_dir: str | Path) -> None:
+    """Hand a report folder to every logger through its own API.
+
+    TensorBoard: the markdown as text and every PNG (`log_report_to_tensorboard`); MLflow: the
+    folder as artifacts (``experiment.log_artifacts(run_id, dir, "report")``); loggers with a
+    ``log_image`` method (W&B, ...): every PNG under ``report/<stem>``. Others are skipped.
+    """
+    import matplotlib.image
+
+    for logger in loggers if isinstance(loggers, (list, tuple)) else [loggers]:
+        exp = getattr(logger, "experiment", None)
+        if callable(getattr(exp, "add_text", None)):
+            log_report_to_tensorboard(exp, report_dir)
+        elif callable(getattr(exp, "log_artifacts", None)) and getattr(logger, "run_id", None):
+            exp.log_artifacts(logger.run_id, str(report_dir), "report")
+        elif callable(getattr(logger, "log_image", None)):
+            for png in sorted(Path(report_dir).glob("*.png")):
+                image = np.ascontiguousarray(matplotlib.image.imread(str(png))[..., :3])
+                logger.log_image(key=f"report/{png.stem}", images=[image])

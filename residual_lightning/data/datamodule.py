@@ -33,6 +33,7 @@ from residual_lightning.data.loaders import CacheBatches, EpochBatchSampler, cac
 from residual_lightning.data.options import data_module_from_configs, positive_ints
 from residual_lightning.data.parts import autocast_dtype, load_parts, preprocessing_name, selection
 from residual_lightning.data.predict import predict_dataset, predict_files, predict_loader, sample_names
+from residual_lightning.data.prompts import PromptSet, select_prompts
 from residual_lightning.data.registry import get_dataset_spec
 from residual_lightning.spectral import UnitBases
 from residual_lightning.units import BackboneSpec
@@ -59,8 +60,14 @@ class ResidualDataModule(L.LightningDataModule):
         download: let torchvision download missing files where it can.
         dataset_options: extra loader options (``class_names_file``, ``templates_file``,
             ``on_bad_image``, csv columns, ...).
+        prompts: the class names and templates of the text classifier: ``clip`` (the CLIP
+            paper's lists, or those of ``class_names_file``/``templates_file``) or
+            ``clip_benchmark`` (CLIP_benchmark's, to compare zero-shot numbers with its tables;
+            `residual_lightning.data.prompts`). They make the classifier's cache key.
         split_seed: seed of the stratified splits and few-shot draws.
-        fractions: override of the split fractions of method.md §3.
+        fractions: override of the dataset's split fractions: (train, val) when val is carved from
+            the official train split, (train, val, test) when one pool is cut three ways
+            (e.g. ``[0.8, 0.1, 0.1]``); stratified by class, fixed by ``split_seed``.
         shots: keep this many training samples per class (few-shot); validation is unchanged.
         reference: PCA reference set: ``train`` (the target's own train part, offline default)
             or ``imagenet`` (a class-stratified subset of ImageNet train, as the authors).
@@ -95,6 +102,7 @@ class ResidualDataModule(L.LightningDataModule):
         root: str | None = None,
         download: bool = False,
         dataset_options: dict[str, Any] | None = None,
+        prompts: PromptSet = "clip",
         split_seed: int = 42,
         fractions: list[float] | None = None,
         shots: int | None = None,
@@ -131,6 +139,13 @@ class ResidualDataModule(L.LightningDataModule):
         self.root = root
         self.download = download
         self.dataset_options = dict(dataset_options or {})
+        self.prompts = prompts
+        given = sorted({"class_names_file", "templates_file"} & set(self.dataset_options))
+        if prompts != "clip" and given:
+            raise ValueError(
+                f"data.prompts: {prompts} sets the class names and templates; drop dataset_options "
+                f"{', '.join(given)} or use prompts: clip"
+            )
         self.split_seed, self.fractions, self.shots = split_seed, fractions, shots
         self.reference, self.reference_root, self.reference_size = reference, reference_root, reference_size
         if reference == "imagenet" and reference_root is None:
@@ -153,8 +168,9 @@ class ResidualDataModule(L.LightningDataModule):
         self._bases: UnitBases | None = None
         # A class-names file replaces the shipped names: known once the data is read.
         shipped = self.spec.class_names and "class_names_file" not in self.dataset_options
-        self._class_names: list[str] | None = list(self.spec.class_names) if shipped else None
-        self._templates: list[str] = list(self.spec.templates)
+        self._class_names, self._templates = select_prompts(
+            self.dataset, prompts, list(self.spec.class_names) if shipped else None, list(self.spec.templates)
+        )
         self._listing: dict[str, Dataset] | None = None  # the parts without a transform, read once
 
     # ---------------------------------------------------------------- what the model must know
@@ -253,8 +269,9 @@ class ResidualDataModule(L.LightningDataModule):
             self.reference_root if self.reference == "imagenet" else None,
             self.reference_size,
         )
-        self._class_names = list(parts["train"].class_names)
-        self._templates = list(parts["train"].templates)
+        self._class_names, self._templates = select_prompts(
+            self.dataset, self.prompts, list(parts["train"].class_names), list(parts["train"].templates)
+        )
         if transform is None:
             self._listing = parts
         return parts

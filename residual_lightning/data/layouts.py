@@ -93,27 +93,45 @@ def _ensure(
 # torchvision downloads (only called when download=True and files are missing)
 
 
-def _tv(cls_name: str, root: Path, **kw: Any) -> Callable[[], Any]:
+class DatasetDownloadError(RuntimeError):
+    """torchvision could not download a dataset (offline, server down, corrupt archive)."""
+
+
+def _download_error(name: str, cls_name: str, root: Path, err: BaseException) -> DatasetDownloadError:
+    return DatasetDownloadError(
+        f"{name}: torchvision.datasets.{cls_name} could not download the data into {root}: "
+        f"{type(err).__name__}: {err}. The machine may be offline or the server unreachable. Download "
+        f"the files elsewhere (e.g. torchvision.datasets.{cls_name}(root, download=True) on a "
+        f"connected machine), copy them into {root} (remove any partial download there first) so "
+        f"that it reads {_LAYOUTS[name]}, and run again with --data.root {root} "
+        "--data.download false."
+    )
+
+
+def _tv(name: str, cls_name: str, root: Path, **kw: Any) -> Callable[[], Any]:
     def fetch() -> Any:
         import torchvision.datasets as tvd
 
         root.mkdir(parents=True, exist_ok=True)
-        return getattr(tvd, cls_name)(str(root), download=True, **kw)
+        try:
+            return getattr(tvd, cls_name)(str(root), download=True, **kw)
+        except (OSError, RuntimeError) as err:  # URLError, ConnectionError, timeouts; bad md5
+            raise _download_error(name, cls_name, root, err) from err
 
     return fetch
 
 
 _DOWNLOADERS: dict[str, Callable[[Path, str], Callable[[], Any]]] = {
-    "cifar10": lambda root, split: _tv("CIFAR10", root, train=split == "train"),
-    "cifar100": lambda root, split: _tv("CIFAR100", root, train=split == "train"),
-    "mnist": lambda root, split: _tv("MNIST", root, train=split == "train"),
-    "svhn": lambda root, split: _tv("SVHN", root, split=split),
-    "gtsrb": lambda root, split: _tv("GTSRB", root, split=split),
-    "dtd": lambda root, split: _tv("DTD", root),
-    "eurosat": lambda root, split: _tv("EuroSAT", root),
-    "sun397": lambda root, split: _tv("SUN397", root),
-    "food101": lambda root, split: _tv("Food101", root, split=split),
-    "flowers102": lambda root, split: _tv("Flowers102", root, split=split),
+    "cifar10": lambda root, split: _tv("cifar10", "CIFAR10", root, train=split == "train"),
+    "cifar100": lambda root, split: _tv("cifar100", "CIFAR100", root, train=split == "train"),
+    "mnist": lambda root, split: _tv("mnist", "MNIST", root, train=split == "train"),
+    "svhn": lambda root, split: _tv("svhn", "SVHN", root, split=split),
+    "gtsrb": lambda root, split: _tv("gtsrb", "GTSRB", root, split=split),
+    "dtd": lambda root, split: _tv("dtd", "DTD", root),
+    "eurosat": lambda root, split: _tv("eurosat", "EuroSAT", root),
+    "sun397": lambda root, split: _tv("sun397", "SUN397", root),
+    "food101": lambda root, split: _tv("food101", "Food101", root, split=split),
+    "flowers102": lambda root, split: _tv("flowers102", "Flowers102", root, split=split),
 }
 
 

@@ -5,9 +5,12 @@ The names are the "cleaned for prompting" lists of the CLIP paper's evaluation (
 read by `residual_lightning.data.registry` (which follows torchvision's order). Templates are
 strings with exactly one `{}` placeholder, e.g. ``"a photo of a {}."``.
 
-Long lists (ImageNet's 1000 names and 80 templates, SUN397, Stanford Cars, Food-101, Flowers-102)
-live in ``residual_lightning/resources/*.txt``, one entry per line, and are read with
-`importlib.resources`. SVHN and scikit-learn digits have no list in the CLIP paper: they reuse
+ImageNet's 1000 names and 80 templates are open_clip's (`open_clip.zero_shot_metadata`:
+``IMAGENET_CLASSNAMES`` and ``OPENAI_IMAGENET_TEMPLATES``, the lists of OpenAI's notebook). The other
+long lists (SUN397, Stanford Cars, Food-101, Flowers-102) live in
+``residual_lightning/resources/*.txt``, one entry per line, and are read with `importlib.resources`.
+CLIP_benchmark's prompt set (``data.prompts: clip_benchmark``) is in
+`residual_lightning.data.prompts`. SVHN and scikit-learn digits have no list in the CLIP paper: they reuse
 MNIST's, as the ResiDual authors' code does.
 
 Users can bring their own lists through `load_class_names_file` / `load_templates_file` (a YAML
@@ -22,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 __all__ = [
     "DATASET_TEMPLATES",
@@ -168,7 +172,6 @@ GENERIC_TEMPLATES = [
 
 # Files under residual_lightning/resources/, one entry per line.
 _CLASS_NAME_FILES = {
-    "imagenet": "imagenet_classnames.txt",
     "sun397": "sun397_classnames.txt",
     "stanford_cars": "stanford_cars_classnames.txt",
     "food101": "food101_classnames.txt",
@@ -184,6 +187,7 @@ _INLINE_CLASS_NAMES = {
     "dtd": DTD_CLASSES,
     "eurosat": EUROSAT_CLASSES,
     "resisc45": RESISC45_CLASSES,
+    "imagenet": list(IMAGENET_CLASSNAMES),
 }
 
 
@@ -252,7 +256,7 @@ DATASET_TEMPLATES: dict[str, list[str]] = {
     ],
     "food101": ["a photo of {}, a type of food."],
     "flowers102": ["a photo of a {}, a type of flower."],
-    "imagenet": _read_resource("imagenet_templates.txt"),
+    "imagenet": [template("{}") for template in OPENAI_IMAGENET_TEMPLATES],
     "imagefolder": GENERIC_TEMPLATES,
     "csv": GENERIC_TEMPLATES,
 }
@@ -321,11 +325,12 @@ def check_shipped_class_names(
     norm = [clean_class_name(str(n)) if clean else " ".join(str(n).split()) for n in found]
     if norm == shipped:
         return
-    where = (
-        f"residual_lightning/resources/{_CLASS_NAME_FILES[name]}"
-        if name in _CLASS_NAME_FILES
-        else "residual_lightning/data/templates.py"
-    )
+    if name in _CLASS_NAME_FILES:
+        where = f"residual_lightning/resources/{_CLASS_NAME_FILES[name]}"
+    elif name == "imagenet":
+        where = "open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES"
+    else:
+        where = "residual_lightning/data/templates.py"
     common = min(len(norm), len(shipped))
     i = next((k for k in range(common) if norm[k] != shipped[k]), common)
     if i < common:
