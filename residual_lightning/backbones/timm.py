@@ -122,7 +122,7 @@ def _read_block(i: int, block: nn.Module) -> Block:
     )
 
 
-def _read_map_pool(cls: str, pool: nn.Module, width: int, skip: int) -> MapPool:
+def read_map_pool(cls: str, pool: nn.Module, width: int, skip: int) -> MapPool:
     """timm's ``AttentionPoolLatent`` as a `MapPool` attending to the tokens after `skip`."""
     from timm.layers import AttentionPoolLatent
 
@@ -204,13 +204,27 @@ def _read_readout(model: nn.Module) -> Readout:
             norm=norm,
             proj=torch.eye(width, device=device),  # pre_logits: no projection
             num_prefix_tokens=skip,
-            map_pool=_read_map_pool(cls, model.attn_pool, width, skip),
+            map_pool=read_map_pool(cls, model.attn_pool, width, skip),
         )
     if getattr(model, "attn_pool", None) is not None or pool == "prr":
         raise UnsupportedModelError(
             f"{cls} has global_pool={pool!r} (attention pooling, attn_pool); of attention pools only 'map'"
             " is supported"
         )
+    skip = 0 if model.pool_include_prefix else model.num_prefix_tokens
+    return token_or_avg_readout(model, skip, "final_norm=False")
+
+
+def token_or_avg_readout(model: nn.Module, num_prefix_tokens: int, no_norm_hint: str) -> Readout:
+    """The pre-logits readout of a timm ViT or Eva with ``global_pool`` ``token`` or ``avg``.
+
+    One final LayerNorm: ``norm`` on every token before pooling, or ``fc_norm`` after it; the
+    projection is the identity (pre-logits). `no_norm_hint` names the option that removes both.
+
+    Raises:
+        UnsupportedModelError: another pool, both norms, or neither.
+    """
+    cls, pool = type(model).__name__, model.global_pool
     if pool not in ("token", "avg"):
         raise UnsupportedModelError(
             f"{cls} has global_pool={pool!r}; only 'token', 'avg' and 'map' are supported"
@@ -220,13 +234,13 @@ def _read_readout(model: nn.Module) -> Readout:
     if norm is not None and fc_norm is not None:
         raise UnsupportedModelError(f"{cls} has both a final norm and an fc_norm")
     if norm is None and fc_norm is None:
-        raise UnsupportedModelError(f"{cls} has no final norm (final_norm=False)")
+        raise UnsupportedModelError(f"{cls} has no final norm ({no_norm_hint})")
     return Readout(
         pool="tok" if pool == "token" else "avg",
         norm=norm if norm is not None else fc_norm,
-        proj=torch.eye(width, device=device),  # pre_logits: no projection
+        proj=torch.eye(model.embed_dim, device=next(model.parameters()).device),  # pre_logits
         norm_after_pool=fc_norm is not None,
-        num_prefix_tokens=0 if model.pool_include_prefix else model.num_prefix_tokens,
+        num_prefix_tokens=num_prefix_tokens,
     )
 
 

@@ -54,6 +54,7 @@ from residual_lightning.backbones.canonical import (
     layer_norm_or_none,
     optional_module,
 )
+from residual_lightning.backbones.timm import read_map_pool, token_or_avg_readout
 
 __all__ = ["is_supported_timm_eva", "read_timm_eva"]
 
@@ -199,7 +200,6 @@ def _read_readout(model: nn.Module) -> Readout:
     device = next(model.parameters()).device
     if pool == "map" or getattr(model, "attn_pool", None) is not None:
         # Eva's attn_pool attends to every token, prefix tokens included, after the per-token norm.
-        from residual_lightning.backbones.timm import _read_map_pool
 
         norm = layer_norm_or_none(model.norm, f"{cls}.norm")
         if pool != "map" or optional_module(model.fc_norm) is not None:
@@ -213,25 +213,9 @@ def _read_readout(model: nn.Module) -> Readout:
             norm=norm,
             proj=torch.eye(width, device=device),  # pre_logits: no projection
             num_prefix_tokens=0,
-            map_pool=_read_map_pool(cls, model.attn_pool, width, 0),
+            map_pool=read_map_pool(cls, model.attn_pool, width, 0),
         )
-    if pool not in ("token", "avg"):
-        raise UnsupportedModelError(
-            f"{cls} has global_pool={pool!r}; only 'token', 'avg' and 'map' are supported"
-        )
-    norm = layer_norm_or_none(model.norm, f"{cls}.norm")
-    fc_norm = layer_norm_or_none(model.fc_norm, f"{cls}.fc_norm")
-    if norm is not None and fc_norm is not None:
-        raise UnsupportedModelError(f"{cls} has both a final norm and an fc_norm")
-    if norm is None and fc_norm is None:
-        raise UnsupportedModelError(f"{cls} has no final norm (use_post_transformer_norm/use_fc_norm off)")
-    return Readout(
-        pool="tok" if pool == "token" else "avg",
-        norm=norm if norm is not None else fc_norm,
-        proj=torch.eye(width, device=device),  # pre_logits: no projection
-        norm_after_pool=fc_norm is not None,
-        num_prefix_tokens=model.num_prefix_tokens,
-    )
+    return token_or_avg_readout(model, model.num_prefix_tokens, "use_post_transformer_norm/use_fc_norm off")
 
 
 def read_timm_eva(model: nn.Module) -> CanonicalViT:

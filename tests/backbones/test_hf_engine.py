@@ -33,13 +33,7 @@ CLASS_TOKEN_FAMILIES = [f for f in FAMILIES if f != "siglip"]
 TEXTS = ["a photo of a cat", "a blurry photo of the bird", "dog"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only add contention on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache
