@@ -145,15 +145,21 @@ def _fused_attention(weight: Tensor, bias: Tensor | None, heads: int) -> list[Te
 def _clip_blocks(tower: nn.Module, where: str) -> list[Block]:
     from transformers.models.clip import modeling_clip as m
 
+    return _encoder_blocks(tower.encoder.layers, where, m.CLIPEncoderLayer, m.CLIPAttention, m.CLIPMLP)
+
+
+def _encoder_blocks(layers, where: str, layer_cls: type, attn_cls: type, mlp_cls: type) -> list[Block]:
+    """Blocks of CLIP-style encoder layers (CLIP, SigLIP): ``layer_norm1`` -> ``self_attn`` with
+    separate q/k/v and ``out_proj`` -> ``layer_norm2`` -> ``mlp``, no layer scale."""
     blocks = []
-    for i, layer in enumerate(tower.encoder.layers):
+    for i, layer in enumerate(layers):
         at = f"{where}.encoder.layers[{i}]"
-        _expect(layer, m.CLIPEncoderLayer, at)
+        _expect(layer, layer_cls, at)
         _children(layer, {"self_attn", "layer_norm1", "mlp", "layer_norm2"}, at)
         attn = layer.self_attn
-        _expect(attn, m.CLIPAttention, f"{at}.self_attn")
+        _expect(attn, attn_cls, f"{at}.self_attn")
         _children(attn, {"q_proj", "k_proj", "v_proj", "out_proj"}, f"{at}.self_attn")
-        _expect(layer.mlp, m.CLIPMLP, f"{at}.mlp")
+        _expect(layer.mlp, mlp_cls, f"{at}.mlp")
         blocks.append(
             Block(
                 norm1=_layer_norm(layer.layer_norm1, f"{at}.layer_norm1"),
@@ -362,25 +368,9 @@ def _read_siglip(model: nn.Module, family: str) -> CanonicalViT:
         )
     _expect(tower.embeddings, m.SiglipVisionEmbeddings, f"{where}.embeddings")
     _expect(tower.encoder, m.SiglipEncoder, f"{where}.encoder")
-    blocks = []
-    for i, layer in enumerate(tower.encoder.layers):
-        at = f"{where}.encoder.layers[{i}]"
-        _expect(layer, m.SiglipEncoderLayer, at)
-        _children(layer, {"self_attn", "layer_norm1", "mlp", "layer_norm2"}, at)
-        attn = layer.self_attn
-        _expect(attn, m.SiglipAttention, f"{at}.self_attn")
-        _children(attn, {"q_proj", "k_proj", "v_proj", "out_proj"}, f"{at}.self_attn")
-        _expect(layer.mlp, m.SiglipMLP, f"{at}.mlp")
-        blocks.append(
-            Block(
-                norm1=_layer_norm(layer.layer_norm1, f"{at}.layer_norm1"),
-                attention=_separate_attention(attn, attn.num_heads, attn.head_dim, attn.scale, attn.out_proj),
-                ls1=None,
-                norm2=_layer_norm(layer.layer_norm2, f"{at}.layer_norm2"),
-                mlp=layer.mlp,
-                ls2=None,
-            )
-        )
+    blocks = _encoder_blocks(
+        tower.encoder.layers, where, m.SiglipEncoderLayer, m.SiglipAttention, m.SiglipMLP
+    )
     norm = _layer_norm(tower.post_layernorm, f"{where}.post_layernorm")
     width = tower.config.hidden_size
     readout = Readout(

@@ -28,6 +28,7 @@ from residual_lightning.backbones import decompose, decompose_compact  # noqa: E
 from residual_lightning.backbones.canonical import UnsupportedModelError  # noqa: E402
 from residual_lightning.backbones.hf import hf_image_features, is_supported_hf, read_hf  # noqa: E402
 from residual_lightning.backbones.hf_text import hf_logit_scale_bias, hf_text_features  # noqa: E402
+from tests.backbones.engine_helpers import images  # noqa: E402
 
 CLASS_TOKEN_FAMILIES = [f for f in FAMILIES if f != "siglip"]
 TEXTS = ["a photo of a cat", "a blurry photo of the bird", "dog"]
@@ -49,10 +50,6 @@ def model_for(family: str, attn_implementation: str | None = None):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def images(n: int = 4, size: int = 32, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def implementations(family: str) -> list[str]:

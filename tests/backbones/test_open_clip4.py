@@ -10,6 +10,7 @@ import torch
 
 from residual_lightning.backbones import decompose_compact, is_supported, read_open_clip
 from residual_lightning.units import UnsupportedModelError
+from tests.backbones.engine_helpers import rel_err
 from tests.backbones.openclip4_standin import StandinAttention, build_standin_vit
 
 CONFIGS = {
@@ -52,10 +53,6 @@ CONFIGS = {
 @functools.cache
 def model_for(name: str) -> torch.nn.Module:
     return build_standin_vit(**CONFIGS[name])
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def images_for(model, n=4, seed=1):

@@ -10,6 +10,7 @@ from conftest import build_clip
 
 from residual_lightning.backbones import decompose, decompose_compact, is_supported, read_open_clip
 from residual_lightning.units import UnsupportedModelError
+from tests.backbones.engine_helpers import rel_err
 
 MHA = {
     "tok": {},
@@ -61,10 +62,6 @@ def fresh_model(name: str) -> torch.nn.Module:
 def model_for(name: str) -> torch.nn.Module:
     """`fresh_model`, built once per config (tests that alter a model take a fresh one)."""
     return fresh_model(name)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def images_for(model, n=4, seed=1):

@@ -30,6 +30,7 @@ from residual_lightning.backbones.open_clip_timm import (  # noqa: E402
     is_supported_open_clip_timm,
     read_open_clip_timm,
 )
+from tests.backbones.engine_helpers import images, rel_err  # noqa: E402
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
 # eva02_base_patch16_clip_224 made tiny: the EVA02-CLIP towers' trunk
@@ -129,14 +130,6 @@ def build(vision: dict, seed: int = 0, custom_text: bool = False) -> torch.nn.Mo
 @functools.cache
 def model_for(name: str) -> torch.nn.Module:
     return build({**CONFIGS, **MAP_CONFIGS}[name])
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-def images(n: int = 4, size: int = 32, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def check_exact(model: torch.nn.Module, x: torch.Tensor, output_dim: int) -> None:

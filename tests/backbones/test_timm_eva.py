@@ -16,6 +16,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from residual_lightning.backbones import decompose, decompose_compact  # noqa: E402
 from residual_lightning.backbones.canonical import UnsupportedModelError  # noqa: E402
 from residual_lightning.backbones.timm_eva import is_supported_timm_eva, read_timm_eva  # noqa: E402
+from tests.backbones.engine_helpers import images, pre_logits, rel_err  # noqa: E402
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4, num_classes=10)
 # eva02_*_patch14_224 in timm: rope, SwiGLU with a norm in the MLP (scale_mlp), unfused q/k/v.
@@ -139,18 +140,6 @@ def model_for(name: str) -> Eva:
         for block in model.blocks:
             block.attn.qkv_bias_separate = True
     return model
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-def images(n: int = 4, size: int = 32, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def pre_logits(model: Eva, x: torch.Tensor) -> torch.Tensor:
-    return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
 @pytest.mark.parametrize("cfg", list(CONFIGS))
