@@ -185,10 +185,18 @@ class SpectralOptions(AdapterOptions):
     """``spectral``: one learned scale per principal component of the final image embedding.
 
     Attributes:
-        init: initial scales: ``ones``, ``normal`` (1 + N(0, 1), the authors'), ``eigen`` (the
-            explained variances) or ``singular`` (the singular values of the centred reference data).
+        init: initial scales: ``ones``, ``normal`` (1 + N(0, 1), the authors'), ``explained_variance``
+            (the explained variances), ``singular`` or ``eigen`` (the authors' name; both the singular
+            values of the centred reference data; ``eigen`` meant the explained variances before
+            this release and warns once).
         add_mean: add the embedding's reference mean back (the authors do not).
         seed: seed of the ``normal`` init.
+        basis: the directions scaled: ``output_pca`` (the principal components of the embedding,
+            ``Phi^T diag(lambda) Phi (e - mu)``, the paper's text; this framework's default) or
+            ``standard`` (the output's standard basis, ``lambda * (e - mu)`` elementwise, what the
+            authors' code runs and configs/recipes/paper.yaml's docs select). With ``standard`` the
+            ``explained_variance``/``singular``/``eigen`` inits use each coordinate's variance on
+            the reference set.
     """
 
     method: ClassVar[str] = "spectral"
@@ -197,10 +205,29 @@ class SpectralOptions(AdapterOptions):
     init: Init = "normal"
     add_mean: bool = False
     seed: int = 0
+    basis: Literal["output_pca", "standard"] = "output_pca"
 
     def build(self, bases: UnitBases | None, head_maps: Tensor) -> SpectralAdapter:
         """A `SpectralAdapter` on the PCA of the embedding (``bases.output``)."""
         return SpectralAdapter.from_bases(bases, head_maps, **asdict(self))
+
+
+def standard_basis(pca: PCABasis) -> PCABasis:
+    """The output's standard basis as a `PCABasis`: identity components, the PCA's mean, and each
+    coordinate's variance ``diag(Phi^T diag(var) Phi)`` as its explained variance (every coordinate
+    learned). `SpectralAdapter` on it computes ``lambda * (e - mu)`` elementwise.
+    """
+    comps, var = pca.components, pca.explained_variance * pca.mask
+    dim = comps.shape[-1]
+    coord_var = (comps.pow(2) * var[:, None]).sum(0)  # (D,)
+    total = coord_var.sum()
+    return PCABasis(
+        mean=pca.mean,
+        components=torch.eye(dim, dtype=comps.dtype, device=comps.device),
+        explained_variance=coord_var,
+        explained_variance_ratio=coord_var / total if total > 0 else coord_var,
+        mask=torch.ones(dim, dtype=pca.mask.dtype, device=pca.mask.device),
+    )
 
 
 class SpectralAdapter(Adapter):
@@ -213,7 +240,8 @@ class SpectralAdapter(Adapter):
     Args:
         basis: PCA of the final embedding (units (), K components).
         head_maps: (L, H, D, k) head maps of the cache.
-        init: ``"ones"``, ``"normal"``, ``"eigen"`` or ``"singular"`` (see `init_lambdas`).
+        init: ``"ones"``, ``"normal"``, ``"eigen"``, ``"singular"`` or ``"explained_variance"``
+            (see `init_lambdas`).
         add_mean: add mu back (the authors do not).
         n_samples: reference-set size, for ``"singular"``.
         seed: seed of the ``"normal"`` init.
@@ -262,6 +290,11 @@ class SpectralAdapter(Adapter):
                 "spectral needs bases.output (the PCA of the embedding): fit with fit_output=True"
             )
         kwargs.setdefault("n_samples", bases.n_samples)
+        kind = kwargs.pop("basis", "output_pca")
+        if kind == "standard":
+            return cls(standard_basis(bases.output), head_maps, **kwargs)
+        if kind != "output_pca":
+            raise ValueError(f"unknown spectral basis {kind!r}; valid: output_pca, standard")
         return cls(bases.output, head_maps, **kwargs)
 
     def forward(self, batch: Contributions) -> Tensor:

@@ -53,6 +53,18 @@ log = logging.getLogger(__name__)
 # FinetuneModel (residual_lightning.finetune); ResidualModel itself refuses it.
 Method = Literal["residual", "residual_star", "coarse", "linear", "spectral", "zeroshot", "finetune"]
 
+#: The learning rate of ``lr=None`` per method: the authors' (method.md §3). Batch size (64) and
+#: gradient clipping are data-module and trainer settings, set by the method YAMLs
+#: (configs/methods/). zeroshot learns nothing; its entry only keeps ``lr`` a number.
+METHOD_LRS: dict[str, float] = {
+    "residual": 0.8,
+    "residual_star": 0.8,
+    "coarse": 0.8,
+    "linear": 1e-3,
+    "spectral": 1e-3,
+    "zeroshot": 0.8,
+}
+
 
 def placeholder_bases(layers: int, heads: int, k: int, dim: int, head_components: int) -> UnitBases:
     """Deprecated: `UnitBases.zeros(layout)`."""
@@ -77,7 +89,10 @@ class ResidualModel(ClassifierModule):
             (`residual_lightning.adapters.ResidualOptions`, ``ResidualStarOptions``,
             ``CoarseOptions``, ...: ``--model.adapter.help ResidualOptions`` lists the fields);
             None: the method's defaults. Deprecated: a plain dict of options (``{init: ones}``).
-        lr: learning rate (None: 0.8), or ``"auto"`` to run Lightning's LR finder before fitting.
+        lr: learning rate (None: the method's, `METHOD_LRS`: 0.8 for residual, residual_star and
+            coarse, 1e-3 for linear and spectral, as the authors), or ``"auto"`` to run Lightning's
+            LR finder before fitting. The resolved number is what the optimizer gets and what the
+            checkpoint's ``hparams.lr`` records.
         optimizer: optimizer factory (default: schedule-free AdamW, weight decay 0). Its lr is
             replaced by `lr`.
         logit_mode: ``scaled_cosine`` (normalised embedding times the model's logit scale) or
@@ -94,7 +109,7 @@ class ResidualModel(ClassifierModule):
             held as a view and never stored (None: a compact layout, head maps a buffer).
     """
 
-    default_lr: ClassVar[float] = 0.8
+    default_lr: ClassVar[float] = 0.8  # residual's; `METHOD_LRS` holds every method's
 
     def __init__(
         self,
@@ -118,6 +133,8 @@ class ResidualModel(ClassifierModule):
             )
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+        if lr is None:  # resolved here: the base class only knows one default per class
+            lr = METHOD_LRS.get(method, self.default_lr)
         super().__init__(lr, optimizer, logit_mode, backbone, class_names, shape, convention, unit_form)
         options = options_for(method, adapter)
         self._save_hparams()

@@ -368,25 +368,32 @@ def class_accuracy_figure(accuracy: torch.Tensor | Sequence[float], class_names:
 
 
 def lr_finder_figure(
-    lrs: Sequence[float], losses: Sequence[float], suggested: int | None = None, log_x: bool = True
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    suggested: int | None = None,
+    log_x: bool = True,
+    suggested_lr: float | None = None,
 ) -> Figure:
-    """Loss against learning rate of an LR-finder run, the suggested point in red.
+    """Loss against learning rate of an LR-finder run, the suggestion marked in red.
 
     Args:
         lrs: learning rates tried.
         losses: the (smoothed) loss at each.
-        suggested: index of the suggestion, or None.
+        suggested: index of the point the rule picked (with ``suggested_lr``: the loss minimum), or None.
         log_x: logarithmic learning-rate axis (the finder's exponential mode).
+        suggested_lr: the chosen rate when it is not one of ``lrs`` (the minimum divided by a
+            factor): a dashed red line at it, and the point ``suggested`` marked as the minimum.
     """
     fig = new_figure(6.4, 4.8)
     ax = fig.subplots()
-    ax.plot(lrs, losses, label="loss")
+    n = min(len(lrs), len(losses))
+    ax.plot(lrs[:n], losses[:n], label="loss")
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel("learning rate" + (" (log scale)" if log_x else ""))
     ax.set_ylabel("training loss (smoothed)")
     ax.grid(alpha=0.3)
-    if suggested is not None:
+    if suggested is not None and suggested_lr is None:
         ax.plot(
             lrs[suggested],
             losses[suggested],
@@ -396,6 +403,19 @@ def lr_finder_figure(
             ls="",
             label=f"suggested lr {lrs[suggested]:.3g}",
         )
+    elif suggested_lr is not None:
+        if suggested is not None:
+            ax.plot(
+                lrs[suggested],
+                losses[suggested],
+                markersize=8,
+                marker="o",
+                color="gray",
+                ls="",
+                label=f"loss minimum {lrs[suggested]:.3g}",
+            )
+        ax.axvline(suggested_lr, color="red", ls="--", label=f"chosen lr {suggested_lr:.3g}")
+    if suggested is not None or suggested_lr is not None:
         ax.legend(fontsize=8)
     ax.set_title("LR finder", fontsize=10)
     return fig

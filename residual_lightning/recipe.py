@@ -281,6 +281,12 @@ class ResidualCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file():
             return super()._parse_ckpt_path()
         hparams = read_hparams(ckpt_path)
+        if "lr_found" in hparams:  # the LR finder's rate: not a model argument (`before_fit` reads it)
+            hparams = {k: v for k, v in hparams.items() if k not in ("lr_found", "_instantiator")}
+            if "_class_path" in hparams:
+                hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+            return None
         if "_class_path" in hparams or checkpoint_class_path(hparams) != class_path(FinetuneModel):
             return super()._parse_ckpt_path()
         init_args = from_method_finetune(hparams)
@@ -315,11 +321,28 @@ class ResidualCLI(LightningCLI):
     # ------------------------------------------------------------------ fit
 
     def before_fit(self) -> None:
-        """Run the LR finder when ``model.lr: auto``."""
-        if self.model.lr == "auto":
-            from residual_lightning.callbacks import find_lr
+        """Run the LR finder when ``model.lr: auto``, or reuse the rate it found for the checkpoint
+        being resumed (``fit --ckpt_path ...``: its ``hyper_parameters["lr_found"]``)."""
+        if self.model.lr != "auto":
+            return
+        config = self._model_config()
+        ckpt_path = config.get("ckpt_path")
+        found = None
+        if ckpt_path and not checkpoints.is_keyword(ckpt_path) and Path(ckpt_path).is_file():
+            found = read_hparams(ckpt_path).get("lr_found")
+        if isinstance(found, (int, float)) and not isinstance(found, bool) and found > 0:
+            self.model.lr = float(found)
+            self.model.hparams["lr_found"] = float(found)
+            if self.trainer.is_global_zero:
+                print(f"LR finder: lr = {found:.4g}, reused from {ckpt_path} (no new search)")
+            return
+        from residual_lightning.callbacks import find_lr
 
-            find_lr(self.trainer, self.model, self.datamodule)
+        seed = config.get("seed_everything")
+        seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+        result = find_lr(self.trainer, self.model, self.datamodule, seed=seed)
+        if self.trainer.is_global_zero:
+            record_lr_found(self.trainer, result)
 
     def after_fit(self) -> None:
         """Test the best checkpoint and print a summary table."""
@@ -349,6 +372,39 @@ class ResidualCLI(LightningCLI):
         print(f"report: {path}")
 
 
+def record_lr_found(trainer: Trainer, result) -> Path | None:
+    """Write the LR finder's result as ``lr_finder.json`` beside the run's saved ``config.yaml``
+    (LightningCLI's `SaveConfigCallback` writes it at setup, while the config still says ``auto``)
+    and put the found rate into that ``config.yaml`` as ``model.init_args.lr``, so that the file
+    reruns the same fit. Returns the json path (None when no config is saved)."""
+    import json
+
+    import yaml
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    saver = next((cb for cb in trainer.callbacks if isinstance(cb, SaveConfigCallback)), None)
+    if saver is None:
+        return None
+    log_dir = trainer.log_dir or trainer.default_root_dir
+    config_path = Path(log_dir) / saver.config_filename
+    out = Path(log_dir) / "lr_finder.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result.as_dict(), indent=1) + "\n")
+    if config_path.is_file():
+        text = config_path.read_text()
+        header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+        data = yaml.safe_load(text)
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(model, dict):
+            target = model.get("init_args") if isinstance(model.get("init_args"), dict) else model
+            if target.get("lr") == "auto":
+                target["lr"] = result.lr
+                note = f"# model lr: {result.lr:.6g}, found by the LR finder for lr: auto (lr_finder.json)\n"
+                body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+                config_path.write_text(header + note + body)
+    return out
+
+
 def print_summary(model: ClassifierModule, metrics: dict, best: str | None, trainer: Trainer) -> None:
     """Print the end-of-fit summary, a markdown table (`summary_rows`)."""
     untrained = trainer.global_step == 0
@@ -372,7 +428,8 @@ def summary_rows(
     untrained = trainer.global_step == 0
     lr = getattr(model, "lr", None)
     lr_text = f"{lr:.4g}" if isinstance(lr, (int, float)) else str(lr)
-    if model.hparams.get("lr") == "auto" and isinstance(lr, (int, float)):
+    hparams = getattr(model, "hparams", None) or {}
+    if (hparams.get("lr") == "auto" or "lr_found" in hparams) and isinstance(lr, (int, float)):
         lr_text += " (LR finder)"
     seconds = _fit_seconds(trainer)
     return [

@@ -29,6 +29,7 @@ from .contributions import (
     sum_heads,
 )
 from .transform import (
+    INITS,
     Adapter,
     AdapterOptions,
     ComponentsSpec,
@@ -62,8 +63,10 @@ class ResidualOptions(AdapterOptions):
             (``{heads: 0.9, mlps: all}``).
         others: what the units that are not transformed (emb included) contribute: ``keep`` their
             contribution, ``zero`` nothing, ``mean`` their reference-set mean.
-        init: initial λs: ``normal`` (1 + N(0, 1), the authors'), ``ones``, ``eigen`` (explained
-            variances) or ``singular`` (singular values of the centred reference data).
+        init: initial λs: ``normal`` (1 + N(0, 1), the authors'), ``ones``,
+            ``explained_variance`` (the explained variances), ``singular`` or ``eigen`` (the
+            authors' name; both the singular values of the centred reference data). ``eigen`` meant
+            the explained variances before this release: it warns once that it changed.
         add_mean: add each transformed unit's reference mean back (the authors do not).
         seed: seed of the ``normal`` init.
     """
@@ -125,7 +128,7 @@ class ResidualAdapter(Adapter):
         others: what the units that are not transformed (emb included) contribute: ``"keep"``
             their contribution c_u, ``"zero"`` nothing, ``"mean"`` their reference-set mean mu_u.
         init: lambda init: ``"ones"``, ``"normal"`` (1 + N(0, 1), the authors'), ``"eigen"``
-            (explained variances) or ``"singular"`` (singular values, see `init_lambdas`).
+            or ``"singular"`` (singular values), ``"explained_variance"`` (see `init_lambdas`).
         add_mean: add mu_u back to each transformed unit (the authors do not).
         seed: seed of the ``"normal"`` init.
 
@@ -147,8 +150,8 @@ class ResidualAdapter(Adapter):
         super().__init__()
         if others not in ("keep", "zero", "mean"):
             raise ValueError(f"unknown others={others!r}; valid: keep, zero, mean")
-        if init not in ("ones", "normal", "eigen", "singular"):
-            raise ValueError(f"unknown init {init!r}; valid: ones, normal, eigen, singular")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
         layers, heads, dim, k = head_maps.shape
         want = (bases.num_layers, bases.num_heads, bases.output_dim, bases.head_dim)
         if (layers, heads, dim, k) != want:

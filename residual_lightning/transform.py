@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import difflib
 import typing
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Literal, TypedDict, Union
@@ -47,7 +48,25 @@ __all__ = [
     "transform_heads",
 ]
 
-Init = Literal["ones", "normal", "eigen", "singular"]
+Init = Literal["ones", "normal", "eigen", "singular", "explained_variance"]
+#: Every init, for messages and checks.
+INITS: tuple[str, ...] = ("ones", "normal", "eigen", "singular", "explained_variance")
+EIGEN_CHANGED = (
+    "init: eigen now means the singular values of the centred reference data (the authors' meaning, "
+    "the same as init: singular); until this release it meant the explained variances, which are now "
+    "init: explained_variance. Set init: explained_variance to keep the previous behaviour"
+)
+_eigen_warned = False
+
+
+def warn_eigen_changed() -> None:
+    """Warn once per process that ``init: eigen`` changed meaning (`EIGEN_CHANGED`)."""
+    global _eigen_warned
+    if not _eigen_warned:
+        _eigen_warned = True
+        warnings.warn(EIGEN_CHANGED, UserWarning, stacklevel=3)
+
+
 Others = Literal["keep", "zero", "mean"]
 #: Units to transform: ``"all"`` (heads, MLPs and pooler units), ``"heads"``, ``"mlps"``, ``"emb"``,
 #: ``"pooler"`` (a MAP readout's pooler units) or one unit name; a ``[start, stop]`` layer range (heads and MLPs of layers start..stop-1, Python slice
@@ -215,10 +234,12 @@ def init_lambdas(
     """Initial scales for the components of a basis (float64, shape (*U, K)).
 
     Args:
-        init: ``"ones"``; ``"normal"``: 1 + N(0, 1), the authors' ``randn`` init; ``"eigen"``: the
-            explained variances (eigenvalues of the ddof=1 covariance); ``"singular"``: the
-            singular values of the centred reference data, ``sqrt(variance * (n - 1))``, what the
-            authors' ``pca_fn`` returns as ``weights`` (they scale with the reference-set size).
+        init: ``"ones"``; ``"normal"``: 1 + N(0, 1), the authors' ``randn`` init;
+            ``"explained_variance"``: the explained variances (eigenvalues of the ddof=1
+            covariance); ``"singular"`` and ``"eigen"`` (the authors' name): the singular values of
+            the centred reference data, ``sqrt(variance * (n - 1))``, what the authors' ``pca_fn``
+            returns as ``weights`` (they scale with the reference-set size). ``"eigen"`` meant the
+            explained variances before this release and warns once that it changed.
         basis: the PCA basis.
         n_samples: reference-set size (for ``"singular"``).
         generator: random generator for ``"normal"``.
@@ -231,11 +252,13 @@ def init_lambdas(
         return torch.ones(shape, dtype=torch.float64)
     if init == "normal":
         return 1.0 + torch.randn(shape, generator=generator, dtype=torch.float64)
-    if init == "eigen":
+    if init == "explained_variance":
         return basis.explained_variance.detach().double().cpu()
-    if init == "singular":
+    if init in ("singular", "eigen"):
+        if init == "eigen":
+            warn_eigen_changed()
         return (basis.explained_variance.detach().double().cpu() * (n_samples - 1)).sqrt()
-    raise ValueError(f"unknown init {init!r}; valid: ones, normal, eigen, singular")
+    raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
 
 
 def resolve_transform(transform: TransformSpec, layers: int, heads: int) -> tuple[Tensor, Tensor, bool]:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import build_clip
 
+from residual_lightning import transform
 from residual_lightning.adapters import (
     METHODS,
     OPTIONS,
@@ -161,7 +162,7 @@ def test_zeroed_components_do_not_contribute():
 
 
 # --------------------------------------------------------------------------------------------
-# Parameter counts (method.md table) on synthetic full-rank bases
+# Parameter counts (method.md table) on bases fitted on data, with rank-deficient units
 # --------------------------------------------------------------------------------------------
 
 LAYOUTS = {"ViT-B/16": (12, 12, 64, 512), "ViT-L/14": (24, 16, 64, 768)}
@@ -169,25 +170,55 @@ EXPECTED = {
     "ViT-B/16": {"residual": 15_360, "coarse": 144, "linear": 262_656, "spectral": 512, "zeroshot": 0},
     "ViT-L/14": {"residual": 43_008, "coarse": 384, "linear": 590_592, "spectral": 768, "zeroshot": 0},
 }
+HEAD_RANK, MLP_RANK = 10, 100  # of head l0.h1 and MLP l1 in `fitted_bases`
+
+
+def fitted_bases(layers: int, heads: int, d: int, dim: int, seed: int = 0) -> tuple[UnitBases, torch.Tensor]:
+    """Bases fitted (`fit_unit_bases`) on random contributions: every unit full rank except head
+    l0.h1 (rank HEAD_RANK) and MLP l1 (rank MLP_RANK), whose masks must drop the other components."""
+    g = torch.Generator().manual_seed(seed)
+    n = dim + 64  # more samples than any unit's dimension: full rank where the data is
+    maps = torch.randn(layers, heads, dim, d, generator=g) / d**0.5  # (L, H, D, d), full column rank
+    y = torch.randn(n, layers, heads, d, generator=g) + torch.randn(layers, heads, d, generator=g)
+    y[:, 0, 1] = torch.randn(n, HEAD_RANK, generator=g) @ torch.randn(HEAD_RANK, d, generator=g)
+    mlps = torch.randn(n, layers, dim, generator=g)
+    mlps[:, 1] = torch.randn(n, MLP_RANK, generator=g) @ torch.randn(MLP_RANK, dim, generator=g)
+    batch = Contributions(y, mlps, torch.randn(n, dim, generator=g), torch.zeros(n, dtype=torch.long))
+    return fit_unit_bases([batch], maps, dtype=torch.float32), maps
 
 
 @pytest.mark.parametrize("arch", list(LAYOUTS))
 def test_learned_parameter_counts(arch):
     layers, heads, d, dim = LAYOUTS[arch]
-    bases, maps = synthetic_bases(layers, heads, d, dim)
+    bases, maps = fitted_bases(layers, heads, d, dim)
+    # The fit found the rank-deficient units: their masks are not all ones.
+    assert int(bases.heads.mask[0, 1].sum()) == HEAD_RANK
+    assert int(bases.mlps.mask[1].sum()) == MLP_RANK
+    assert int(bases.heads.mask.sum()) == layers * heads * d - (d - HEAD_RANK)
+    assert int(bases.output.mask.sum()) == dim
+    # The table's counts are for full-rank units; a rank-deficient unit learns only its rank.
+    deficit = {"residual": (d - HEAD_RANK) + (dim - MLP_RANK)}
     batch = random_batch(bases)
-    for method, expected in EXPECTED[arch].items():
+    for method, full in EXPECTED[arch].items():
+        expected = full - deficit.get(method, 0)
         adapter = build_adapter(method, bases, maps)
         assert adapter.num_learned() == expected, method
         assert adapter(batch).shape == (3, dim), method
         if method in ("coarse", "linear", "spectral", "zeroshot"):  # no padding: every entry learned
             assert sum(p.numel() for p in adapter.parameters()) == expected, method
+        weights = adapter.unit_weights()
+        if method != "linear":  # NaN marks a masked (not learned) component
+            assert sum(int((~torch.isnan(w)).sum()) for w in weights.values()) == expected, method
+    residual = build_adapter("residual", bases, maps).unit_weights()
+    assert int((~torch.isnan(residual["heads"][0, 1])).sum()) == HEAD_RANK
+    assert int((~torch.isnan(residual["mlps"][1])).sum()) == MLP_RANK
     star = build_adapter("residual_star", bases, maps)
     selected = int(bases.heads.select(0.9).sum())
     assert star.num_learned() == selected
-    assert 0 < selected < layers * heads * d
+    assert 0 < selected < layers * heads * d - (d - HEAD_RANK)
     assert set(star.unit_weights()) == {"heads"}
     assert int((~torch.isnan(star.unit_weights()["heads"])).sum()) == selected
+    assert int((~torch.isnan(star.unit_weights()["heads"][0, 1])).sum()) <= HEAD_RANK
 
 
 def test_forward_shapes_dtype_and_unit_weights():
@@ -270,10 +301,19 @@ def test_build_adapter_errors():
 
 def test_init_options():
     bases, maps = synthetic_bases(2, 3, 8, 16)
-    eigen = build_adapter("residual", bases, maps, init="eigen")
-    torch.testing.assert_close(eigen.head_lambdas.detach(), bases.heads.explained_variance)
+    variance = build_adapter("residual", bases, maps, init="explained_variance")
+    torch.testing.assert_close(variance.head_lambdas.detach(), bases.heads.explained_variance)
     singular = build_adapter("residual", bases, maps, init="singular")
     torch.testing.assert_close(singular.mlp_lambdas.detach(), (bases.mlps.explained_variance * 999).sqrt())
+    # `eigen` is the authors' name for the singular values; it meant the explained variances until
+    # this release, so it warns once per process that the meaning changed.
+    transform._eigen_warned = False
+    with pytest.warns(UserWarning, match="init: eigen now means the singular values") as record:
+        eigen = build_adapter("residual", bases, maps, init="eigen")
+        build_adapter("spectral", bases, maps, init="eigen")
+    assert sum("init: eigen" in str(w.message) for w in record) == 1
+    torch.testing.assert_close(eigen.mlp_lambdas.detach(), singular.mlp_lambdas.detach())
+    torch.testing.assert_close(eigen.head_lambdas.detach(), singular.head_lambdas.detach())
     a, b = (build_adapter("residual", bases, maps, seed=s).head_lambdas for s in (0, 1))
     assert not torch.equal(a, b)
     assert torch.equal(a, build_adapter("residual", bases, maps, seed=0).head_lambdas)
@@ -418,3 +458,25 @@ def test_residual_star_learns_the_planted_component():
     assert (pred == test_b.label).float().mean() >= 0.9
     change = (adapter.head_lambdas.detach() - init).abs() * adapter.head_select  # (L, H, K)
     assert torch.nonzero(change == change.max()).tolist() == [[*planted, 2]]
+
+
+def test_spectral_standard_basis_scales_each_coordinate():
+    """``basis: standard`` (the authors' code): ``lambda * (e - mu)`` elementwise, D scales."""
+    bases, maps = fitted_bases(2, 3, 8, 16)
+    batch = random_batch(bases, n=5)
+    e = batch.embedding(maps)
+    standard = build_adapter("spectral", bases, maps, basis="standard", seed=3)
+    assert standard.num_learned() == 16
+    expected = standard.lambdas.detach() * (e - bases.output.mean)
+    torch.testing.assert_close(standard(batch).detach(), expected, rtol=1e-5, atol=1e-5)
+    pca = build_adapter("spectral", bases, maps, seed=3)  # output_pca, the default
+    phi = bases.output.components
+    expected = ((e - bases.output.mean) @ phi.T * pca.lambdas.detach()) @ phi
+    torch.testing.assert_close(pca(batch).detach(), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(pca(batch), standard(batch))
+    # explained_variance in the standard basis: each coordinate's variance on the reference data
+    var = build_adapter("spectral", bases, maps, basis="standard", init="explained_variance")
+    coord_var = (phi.pow(2) * bases.output.explained_variance[:, None]).sum(0)
+    torch.testing.assert_close(var.lambdas.detach(), coord_var)
+    with pytest.raises(ValueError, match="basis"):
+        build_adapter("spectral", bases, maps, basis="other")

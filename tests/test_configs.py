@@ -38,6 +38,7 @@ METHODS = sorted((CONFIGS / "methods").glob("*.yaml"))
 TINY = CONFIGS / "backbones" / "tiny.yaml"
 DIGITS = CONFIGS / "datasets" / "digits.yaml"
 RESIDUAL = CONFIGS / "methods" / "residual.yaml"
+PAPER = CONFIGS / "recipes" / "paper.yaml"
 
 # The authors' recipe (method.md §3): learning rate, batch size, gradient clipping.
 RECIPE = {
@@ -256,3 +257,42 @@ def test_adapter_option_override_and_the_old_spelling(tmp_path):
     ):
         cli = build(tmp_path, TINY, DIGITS, old)
     assert cli.model.options == ResidualStarOptions(seed=3)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=ids(METHODS))
+def test_paper_recipe_composes_after_every_method(tmp_path, method):
+    """configs/recipes/paper.yaml, last: the paper's raw logits, equal-share convention and ImageNet
+    PCA reference; the method's learning rate, batch size, clipping and adapter stay its own."""
+    alone = build(tmp_path, TINY, DIGITS, method)
+    cli = build(tmp_path, TINY, DIGITS, method, PAPER)
+    name = method_of(method)
+    lr, batch, clip = RECIPE[name]
+    assert cli.model.method == name
+    assert cli.model.logit_mode == "raw"
+    assert cli.model.hparams.convention == "equal_share"  # linked from the data module
+    dm = cli.datamodule
+    assert dm.convention == "equal_share"
+    assert dm.reference == "imagenet" and dm.reference_size == 80_000 and dm.reference_root
+    if lr is not None:
+        assert cli.model.lr == pytest.approx(lr)
+        assert dm.batch_size == batch
+    assert cli.model.lr == alone.model.lr and dm.batch_size == alone.datamodule.batch_size
+    assert cli.trainer.gradient_clip_val == clip
+    assert getattr(cli.model, "options", None) == getattr(alone.model, "options", None)
+
+
+def test_paper_recipe_sets_no_method_keys():
+    keys = leaves(load(PAPER))
+    assert not [k for k in keys if k.startswith(("model.lr", "model.adapter", "model.method", "trainer."))]
+    assert "data.batch_size" not in keys
+    assert keys["model.logit_mode"] == "raw" and keys["data.convention"] == "equal_share"
+
+
+def test_lr_follows_the_method_without_its_yaml(tmp_path):
+    """`--model.method linear` alone (no method file) trains at linear's 1e-3, not residual's 0.8."""
+    cli = build(tmp_path, TINY, DIGITS, extra=("--model.method", "linear"))
+    assert cli.model.lr == pytest.approx(1e-3)
+    cli = build(tmp_path, TINY, DIGITS, extra=("--model.method", "linear", "--model.lr", "0.05"))
+    assert cli.model.lr == pytest.approx(0.05)
+    cli = build(tmp_path, TINY, DIGITS, RESIDUAL, PAPER, extra=("--data.batch_size", "32"))
+    assert cli.datamodule.batch_size == 32

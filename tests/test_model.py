@@ -7,20 +7,37 @@ import pytest
 import torch
 
 from residual_lightning.adapters import ResidualOptions, ResidualStarOptions
+from residual_lightning.backbones.dispatch import model_embedding
 from residual_lightning.data.datamodule import ResidualDataModule
 from residual_lightning.finetune import FinetuneModel
-from residual_lightning.model import ResidualCLIP, ResidualModel
+from residual_lightning.model import METHOD_LRS, ResidualCLIP, ResidualModel
 
-LRS = {
+# The authors' learning rate of each method (method.md §3), written out here so that a wrong
+# `METHOD_LRS` entry fails `test_lr_none_resolves_to_the_methods_rate`.
+RECIPE_LRS = {
     "residual": 0.8,
     "residual_star": 0.8,
     "coarse": 0.8,
     "linear": 1e-3,
-    "spectral": 0.1,
-}  # spectral: 1e-3 (the paper) barely moves in 68 steps
-# Gain over zero-shot each adapter must show. The tiny random ViT has 16 heads: coarse (16 scalars,
-# MLPs and emb dropped) can only reweight them, so its bar is lower.
-MARGIN = {"residual": 0.2, "residual_star": 0.1, "coarse": 0.02, "linear": 0.1, "spectral": 0.1}
+    "spectral": 1e-3,
+}
+CHANCE = 0.1  # digits: 10 balanced classes
+# `test_every_adapter_beats_zero_shot`: each adapter trains at its own recipe lr (lr=None) with the
+# paper's raw logits (`z @ C`, the setting the authors' rates were chosen in) for EPOCHS epochs. The
+# tiny backbone has random weights and a random text tower, so zero-shot sits at chance (0.089 on
+# this test split): beating it by a small margin would be met by an adapter that barely learned. The
+# bar is max(zero-shot, chance) + MARGIN, set below what each method reaches here (seed 0, 6 epochs:
+# residual 0.52, residual_star 0.28, coarse 0.16, linear 0.24) and, but for coarse, at least 6
+# standard errors of a chance-level accuracy on 359 images (0.016) above chance. coarse only
+# reweights 16 heads (MLPs and emb dropped): its bar is 2 standard errors.
+# spectral at its recipe lr 1e-3 stays at chance on this backbone (0.103 after 20 epochs; it did
+# learn at the lr 0.1 this test used before): a strict xfail, so that the day it learns here the
+# test says so and gets a real bar.
+EPOCHS = 6
+MARGIN = {"residual": 0.3, "residual_star": 0.12, "coarse": 0.03, "linear": 0.1, "spectral": 0.1}
+SPECTRAL_AT_CHANCE = pytest.mark.xfail(
+    strict=True, reason="spectral at its recipe lr 1e-3 stays at chance on the tiny random backbone"
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +52,6 @@ def dm(tmp_path_factory):
 
 
 def make_model(dm, method="residual", **kw):
-    kw.setdefault("lr", LRS.get(method, 1e-3))
     return ResidualModel(
         method=method, class_names=dm.class_names, shape=dm.shape, backbone=dm.backbone, **kw
     )
@@ -53,32 +69,102 @@ def trainer(tmp_path, epochs=3, **kw):
     )
 
 
-@pytest.mark.parametrize("method", list(LRS))
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=SPECTRAL_AT_CHANCE) if m == "spectral" else m for m in RECIPE_LRS]
+)
 def test_every_adapter_beats_zero_shot(dm, tmp_path, method):
     L.seed_everything(0)
-    model = make_model(dm, method)
-    t = trainer(tmp_path, epochs=4)
+    model = make_model(dm, method, logit_mode="raw")  # lr=None: the method's own recipe rate
+    assert model.lr == pytest.approx(RECIPE_LRS[method])
+    t = trainer(tmp_path, epochs=EPOCHS)
     t.fit(model, dm)
     res = t.test(model, dm, verbose=False)[0]
-    assert res["test/accuracy"] > res["test/zeroshot_accuracy"] + MARGIN[method], res
+    bar = max(res["test/zeroshot_accuracy"], CHANCE) + MARGIN[method]
+    assert res["test/accuracy"] > bar, res
     assert model.num_learned() > 0
+
+
+@pytest.mark.parametrize("method", [*RECIPE_LRS, "zeroshot"])
+def test_lr_none_resolves_to_the_methods_rate(dm, method):
+    """lr=None gives the method's recipe rate: in `model.lr`, the hparams and the optimizer."""
+    model = make_model(dm, method)
+    expected = RECIPE_LRS.get(method, METHOD_LRS["zeroshot"])
+    assert model.lr == pytest.approx(expected)
+    assert model.hparams["lr"] == pytest.approx(expected)  # recorded resolved, never None
+    model.head_maps.copy_(dm.head_maps)  # what setup does before building the adapter
+    model._build_adapter(dm.bases() if model.options.needs_bases else None)
+    if method == "zeroshot":
+        with pytest.raises(ValueError, match="nothing to train"):
+            model.configure_optimizers()
+        return
+    opt = model.configure_optimizers()
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(expected)] * len(opt.param_groups)
+
+
+def test_explicit_lr_wins_and_reaches_the_optimizer_and_the_checkpoint(dm, tmp_path):
+    model = make_model(dm, "linear", lr=0.05)
+    assert model.lr == 0.05 and model.hparams["lr"] == 0.05
+    default = make_model(dm, "linear")  # lr=None
+    t = trainer(tmp_path, epochs=1, limit_train_batches=1, limit_val_batches=1)
+    t.fit(default, dm)
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3)
+    path = tmp_path / "linear.ckpt"
+    t.save_checkpoint(path)
+    assert torch.load(path, weights_only=True)["hyper_parameters"]["lr"] == pytest.approx(1e-3)
+    assert ResidualModel.load_from_checkpoint(path, weights_only=True).lr == pytest.approx(1e-3)
+    assert FinetuneModel.default_lr == 1e-5  # the full-tower baseline's lr=None (the authors')
+
+
+def live_test_images(dm, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `n` test images (the backbone's eval transform) and labels, in cache order."""
+    test = dm._load_parts(dm.loaded_backbone().transform)["test"]
+    images = torch.stack([test[i][0] for i in range(n)])
+    labels = torch.tensor([int(test[i][1]) for i in range(n)])
+    return images, labels
+
+
+def live_embedding(dm, images: torch.Tensor) -> torch.Tensor:
+    """The backbone's own forward (`encode_image` for open_clip), not the decomposition."""
+    with torch.no_grad():
+        return model_embedding(dm.loaded_backbone().model.eval(), images).float()
 
 
 def test_identity_adapter_gives_zero_shot_logits(dm, tmp_path):
     model = make_model(dm, "residual", adapter=ResidualOptions(init="ones", add_mean=True))
     trainer(tmp_path).validate(model, dm, verbose=False)  # runs setup: fills buffers, builds the adapter
-    batch = dm.caches["test"].batch(slice(0, 100))
+    n = 100
+    batch = dm.caches["test"].batch(slice(0, n))
+    images, labels = live_test_images(dm, n)
+    assert torch.equal(batch.label, labels)  # the cache holds the test part in order
+    live = live_embedding(dm, images)
     with torch.no_grad():
         adapted = model(batch)
         zero_shot = model.logits_from_embedding(batch.embedding(model.head_maps))
+        adapted_emb = model.adapter(batch)
+        live_logits = model.logits_from_embedding(live)
     torch.testing.assert_close(adapted, zero_shot, rtol=1e-5, atol=1e-5)
+    # Against the live backbone on the images: the decomposition sums to encode_image to float32
+    # accuracy (about 1e-3 on embeddings of norm ~3), so the identity adapter gives its logits.
+    torch.testing.assert_close(adapted_emb, live, rtol=1e-3, atol=5e-3)
+    torch.testing.assert_close(adapted, live_logits, rtol=1e-3, atol=0.1)  # logit scale 100
+    assert (adapted.argmax(-1) == live_logits.argmax(-1)).float().mean() >= 0.98
 
 
 def test_zeroshot_method_matches_zero_shot_metric(dm, tmp_path):
     model = make_model(dm, "zeroshot")
     res = trainer(tmp_path).test(model, dm, verbose=False)[0]
-    assert res["test/accuracy"] == pytest.approx(res["test/zeroshot_accuracy"])
     assert model.num_learned() == 0
+    # The reference is the live backbone's encode_image on the test images through the classifier,
+    # not the cached path the metric itself uses.
+    n = len(dm.caches["test"])
+    images, labels = live_test_images(dm, n)
+    with torch.no_grad():
+        live_logits = model.logits_from_embedding(live_embedding(dm, images))
+        cached_logits = model(dm.caches["test"].batch(slice(0, n)))
+    live_accuracy = (live_logits.argmax(-1) == labels).float().mean().item()
+    assert res["test/accuracy"] == pytest.approx(live_accuracy, abs=1.5 / n)  # one flip at most
+    assert res["test/zeroshot_accuracy"] == pytest.approx(live_accuracy, abs=1.5 / n)
+    torch.testing.assert_close(cached_logits, live_logits, rtol=1e-3, atol=0.1)
 
 
 def test_checkpoint_round_trip_and_schedule_free_eval_weights(dm, tmp_path):
