@@ -285,8 +285,11 @@ def data_config(argv: list[str]) -> dict:
 
 
 def run_selection(args: argparse.Namespace) -> list[dict]:
-    """The head top-k selection curve (`analyze selection`) on the data the training runs use."""
-    from residual_lightning.analysis.cli import main as analyze
+    """The head top-k selection curve (what ``analyze selection`` computes: heads scored on
+    validation, accuracy on test) on the data config the training runs resolve to."""
+    from residual_lightning.analysis.selection import selection_curve
+    from residual_lightning.data.datamodule import ResidualDataModule
+    from residual_lightning.plots import plot_selection_curve
 
     folder: Path = args.out / "selection"
     folder.mkdir(parents=True, exist_ok=True)
@@ -296,8 +299,17 @@ def run_selection(args: argparse.Namespace) -> list[dict]:
         argv = grid.cli_args(run, folder, args.max_epochs, args.cache_dir, args.extra, args.configs)
         config = folder / "config.yaml"
         config.write_text(yaml.safe_dump({"data": data_config(argv)}, sort_keys=False))
-        seeds = ["--seeds", str(args.selection_seeds)]
-        analyze(["selection", "--config", str(config), "--out_dir", str(folder), *seeds])
+        dm = ResidualDataModule.from_config(config)
+        dm.prepare_data()
+        dm.setup()
+        weights, scale = dm.classifier()
+        rows = selection_curve(
+            dm.caches["val"], dm.caches["test"], weights, scale, seeds=args.selection_seeds
+        )
+        title = f"{dm.backbone.model_name} on {dm.dataset}: heads scored on val, accuracy on test"
+        plot_selection_curve(rows, folder / "selection.png", title=title)
+        (folder / "selection.json").write_text(json.dumps({"config": str(config), "rows": rows}, indent=1))
+        write_rows(table, rows, list(rows[0]))
     rows = read_rows(table)
     (folder / "summary.md").write_text(selection_markdown(rows, "selection.png"))
     return rows
