@@ -12,7 +12,7 @@ runner (`residual_lightning.grid.run_one`: caches, fit with checkpointing on the
   the learned parameters and the best validation accuracy; and a PNG figure.
 - ``runs/``: the runs' logs, ``config.yaml`` and checkpoints.
 
-``--out/report.md`` gathers every finished ablation's table and figure.
+``report.md`` in ``--out`` gathers every finished ablation's table and figure.
 
 | ablation | variants | what changes (CLI arguments after the method's config) |
 |---|---|---|
@@ -366,7 +366,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def ablate(args: argparse.Namespace) -> dict[str, list[dict]]:
-    """Run the ablation(s) of `args`; returns each one's rows and rewrites ``--out/report.md``.
+    """Run the ablation(s) of `args`; returns each one's rows and rewrites report.md in ``--out``.
 
     Raises:
         AblationError: a variant that does not exist, or ImageNet missing for the reference

@@ -307,12 +307,13 @@ def test_help_cites_only_shipped_files():
         "fit": _help(["fit", "--help"]),
         "analyze": _help(["analyze", "--help"]),
         "grid": _help(["grid", "--help"]),
+        "ablate": _help(["ablate", "--help"]),
     }
     for name in analyze_cli.COMMANDS:
         texts[f"analyze {name}"] = _help(["analyze", name, "--help"])
     for cls in OPTIONS.values():
         texts[cls.__name__] = _help(["fit", "--config", QUICK, "--model.adapter.help", cls.__name__])
-    outputs = {"results.md", "report.md"}  # files the commands write
+    outputs = {"results.md", "report.md", "summary.md"}  # files the commands write
     for where, text in texts.items():
         assert "method.md" not in text, where
         for cited in re.findall(r"[\w./-]+\.md\b", text):
