@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from residual_lightning.grid_report import FIELDS, mean_std
 from residual_lightning.plots import new_figure, save_png
@@ -173,9 +174,10 @@ def plot_curves(summary: Sequence[dict], path: str | Path, title: str, dpi: int 
         left.plot(range(1, longest + 1), mean, color=colour, lw=2, marker="o", markersize=3.5,
                   label=f"{s['variant']} ({params} learned)")  # fmt: skip
     left.set_xlabel("epoch")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_ylabel("validation accuracy")
     left.grid(alpha=0.3)
-    left.legend(fontsize=8, loc="lower right")
+    left.legend(fontsize=8, loc="best")
     x = np.arange(len(summary))
     means = [s["mean"] if s["mean"] is not None else 0.0 for s in summary]
     bars = right.bar(x, means, 0.6, yerr=[s["std"] or 0.0 for s in summary], capsize=4,
