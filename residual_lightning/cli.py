@@ -2,8 +2,9 @@
 
 Subcommands: ``fit``, ``validate``, ``test``, ``predict`` (Lightning's), ``extract`` (build the
 activation caches, sharded across devices): the LightningCLI of `residual_lightning.recipe`;
-``analyze`` (the analysis toolkit, `residual_lightning.analysis.cli`) and ``grid`` (backbones x
-datasets x methods x seeds, `residual_lightning.grid`) have their own parsers.
+``analyze`` (the analysis toolkit, `residual_lightning.analysis.cli`), ``grid`` (backbones x
+datasets x methods x seeds, `residual_lightning.grid`) and ``ablate`` (the paper's ablations as
+sweeps, `residual_lightning.ablations`) have their own parsers.
 
     residual-lightning fit --config configs/quickstart.yaml
     residual-lightning fit --config configs/backbones/openclip-vit-b-16.yaml \\
@@ -38,7 +39,10 @@ more subcommands, with their own options:
                         similarity, head descriptions, unit selection, the report
                         of a checkpoint): residual-lightning analyze --help
   grid                  backbones x datasets x methods x seeds, results in one
-                        table: residual-lightning grid --help"""
+                        table: residual-lightning grid --help
+  ablate {components,units,reference,coarse_vs_residual,selection,all}
+                        the paper's ablations as sweeps over seeds, each with a
+                        table and a figure: residual-lightning ablate --help"""
 
 
 class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -65,6 +69,11 @@ def main(argv: list[str] | None = None) -> None:
         from residual_lightning.grid import main as grid
 
         grid(words[1:])
+        return
+    if words[:1] == ["ablate"]:
+        from residual_lightning.ablations import main as ablate
+
+        ablate(words[1:])
         return
     try:
         ResidualCLI(

@@ -39,14 +39,21 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def write_rows(path: Path, rows: list[dict]) -> None:
-    """Rewrite results.csv atomically (a killed grid never leaves a torn file)."""
+def write_rows(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """Rewrite results.csv atomically (a killed grid never leaves a torn file).
+
+    Args:
+        path: the CSV file.
+        rows: its rows.
+        fields: its columns (default: the grid's `FIELDS`; the ablations add their own).
+    """
+    fields = FIELDS if fields is None else fields
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in FIELDS})
+            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in fields})
     tmp.replace(path)
 
 

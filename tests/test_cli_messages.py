@@ -18,7 +18,7 @@ import torchvision.datasets as tvd
 import yaml
 from jsonargparse import Namespace
 
-from residual_lightning import grid
+from residual_lightning import ablations, grid
 from residual_lightning.adapters import OPTIONS, options_for
 from residual_lightning.analysis import cli as analyze_cli
 from residual_lightning.cli import ResidualCLI, main
@@ -34,7 +34,7 @@ FLAG = re.compile(r"(?<![\w-])--[a-z_][a-z0-9_.]*")
 
 # A sample command line for each flag the package's strings (messages, help, docstrings) suggest,
 # per parser: ``lightning`` (fit, validate, test, predict, extract: ResidualCLI), ``analyze``
-# (its subcommands) and ``grid``. (subcommand, value...): the value must differ from the default so
+# (its subcommands), ``grid`` and ``ablate``. (subcommand, value...): the value must differ from the default so
 # that the test sees it land; a flag with no entry fails the test (add one).
 SAMPLES: dict[tuple[str, str], tuple[str, ...]] = {
     ("lightning", "--ckpt_path"): ("fit", "some.ckpt"),
@@ -94,6 +94,23 @@ SAMPLES: dict[tuple[str, str], tuple[str, ...]] = {
     ("grid", "--seeds"): ("", "3"),
     ("grid", "--verbose"): ("",),
     ("grid", "--worker"): ("", "spec.json"),
+    ("lightning", "--model.adapter.components"): ("fit", "4"),
+    ("lightning", "--model.adapter.transform"): ("fit", "heads"),
+    ("ablate", "--backbone"): ("", "openclip-vit-b-16"),
+    ("ablate", "--cache_dir"): ("", "/tmp/c"),
+    ("ablate", "--configs"): ("", str(ROOT / "configs")),
+    ("ablate", "--dataset"): ("", "cifar10"),
+    ("ablate", "--extra"): ("", "--trainer.accelerator cpu"),
+    ("ablate", "--imagenet_root"): ("", "/data/imagenet"),
+    ("ablate", "--launcher"): ("", "subprocess"),
+    ("ablate", "--max_epochs"): ("", "2"),
+    ("ablate", "--method"): ("", "residual_star"),
+    ("ablate", "--out"): ("", "elsewhere"),
+    ("ablate", "--rerun"): ("",),
+    ("ablate", "--seeds"): ("", "3"),
+    ("ablate", "--selection_seeds"): ("", "3"),
+    ("ablate", "--variants"): ("", "1"),
+    ("ablate", "--verbose"): ("",),
 }
 # Flags of other programs, quoted as such.
 EXTERNAL = {("recipe.py", "--logdir")}  # tensorboard --logdir
@@ -108,6 +125,8 @@ def _groups(path: Path) -> tuple[str, ...]:
         return ("analyze",)
     if rel == "grid.py":  # its own options, and those of the fit runs it starts
         return ("grid", "lightning")
+    if rel in ("ablations.py", "ablation_report.py"):  # likewise for `residual-lightning ablate`
+        return ("ablate", "lightning")
     return ("lightning",)
 
 
@@ -160,6 +179,12 @@ class _GridParser:
     parse_args = staticmethod(grid.parse_args)
 
 
+class _AblateParser:
+    """`residual_lightning.ablations.parse_args` as a parser."""
+
+    parse_args = staticmethod(ablations.parse_args)
+
+
 @pytest.fixture(scope="module")
 def parsers():
     """The parsers of `residual-lightning` (built as the console script builds them), analyze, grid."""
@@ -171,14 +196,21 @@ def parsers():
         mp.setattr(ResidualCLI, "parse_arguments", capture)
         with pytest.raises(_Captured) as got:
             main(["fit"])
-    return {"lightning": got.value.args[0], "analyze": analyze_cli._parser(), "grid": _GridParser()}
+    return {
+        "lightning": got.value.args[0],
+        "analyze": analyze_cli._parser(),
+        "grid": _GridParser(),
+        "ablate": _AblateParser(),
+    }
 
 
 def check_flag(parsers, group: str, flag: str) -> str | None:
     """None if `flag` parses with `group`'s parser and its sample value lands; else why not."""
     sub, *values = SAMPLES[(group, flag)]
     parser = parsers[group]
-    base = {"lightning": [sub, "--config", QUICK], "analyze": [sub], "grid": []}[group]
+    base = {"lightning": [sub, "--config", QUICK], "analyze": [sub], "grid": [], "ablate": ["components"]}[
+        group
+    ]
     config, error = _parse(parser, [*base, flag, *values])
     if error is not None:
         return error
@@ -186,7 +218,7 @@ def check_flag(parsers, group: str, flag: str) -> str | None:
         return None
     default, required = _parse(parser, base)  # fails when the flag is a required one
     key = flag[2:]
-    if group == "grid":
+    if group in ("grid", "ablate"):
         given, before = getattr(config, key, _MISSING), getattr(default, key, _MISSING)
     else:
         given = _value(config[sub], key)
@@ -261,6 +293,7 @@ def test_top_level_help_lists_analyze_and_grid():
         assert re.search(rf"(?<![\w-]){name}(?![\w-])", text), name
     assert "{" + ",".join(analyze_cli.COMMANDS) + "}" in text  # the analyze subcommands, current
     assert "residual-lightning analyze --help" in text and "residual-lightning grid --help" in text
+    assert "residual-lightning ablate --help" in text
     assert "Lightning Trainer command line tool" not in text
 
 
@@ -274,12 +307,13 @@ def test_help_cites_only_shipped_files():
         "fit": _help(["fit", "--help"]),
         "analyze": _help(["analyze", "--help"]),
         "grid": _help(["grid", "--help"]),
+        "ablate": _help(["ablate", "--help"]),
     }
     for name in analyze_cli.COMMANDS:
         texts[f"analyze {name}"] = _help(["analyze", name, "--help"])
     for cls in OPTIONS.values():
         texts[cls.__name__] = _help(["fit", "--config", QUICK, "--model.adapter.help", cls.__name__])
-    outputs = {"results.md", "report.md"}  # files the commands write
+    outputs = {"results.md", "report.md", "summary.md"}  # files the commands write
     for where, text in texts.items():
         assert "method.md" not in text, where
         for cited in re.findall(r"[\w./-]+\.md\b", text):
