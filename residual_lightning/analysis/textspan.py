@@ -11,6 +11,16 @@ along its direction u = t / |t|; deflate u from the data (``X <- X (I - u u^T)``
 description zero, so it is never picked twice; the shares add up to the variance the picks
 explain together.
 
+**Variants** (``docs/reproducing.md``, "Analyses"). The project's default centres the bank and
+projects it on the principal directions of the *centred* contributions, keeping every
+non-negligible one. Gandelsman et al.'s code and the ResiDual authors' (``sparse_decomposition.textspan``)
+only L2-normalise the bank, take the top right-singular vectors of the *uncentred* contributions
+(``svd(X)`` before X is centred) and fix the rank at 80: ``center_bank=False, span="uncentred",
+rank=80`` (`PAPER_TEXTSPAN`). Their score is the standard deviation of ``X t`` (same argmax as the
+variance) and their deflations are the ones above. Where 80 exceeds the unit's numerical rank
+(a head: rank <= d = 64) their extra singular vectors are arbitrary null directions of X; here the
+span stops at the numerical rank instead.
+
 Everything above depends on X only through its covariance, so it runs in the r-dimensional
 principal coordinates of the unit (r <= rank): O(M r^2) per pick, whatever N is. For a head the
 covariance comes from the compact coordinates y of the cache (``c = A y``, `units.py`): with
@@ -43,6 +53,7 @@ from residual_lightning.contributions import UnitLayout
 from residual_lightning.spectral import DEFAULT_RANK_RTOL
 
 __all__ = [
+    "PAPER_TEXTSPAN",
     "head_descriptions",
     "somp",
     "somp_descriptions",
@@ -51,6 +62,10 @@ __all__ = [
     "unit_spectra",
 ]
 
+
+Span = Literal["centred", "uncentred"]
+# The authors' (and Gandelsman et al.'s) TextSpan: normalised bank, SVD of the uncentred data, rank 80.
+PAPER_TEXTSPAN: dict[str, Any] = {"center_bank": False, "span": "uncentred", "rank": 80}
 
 # --------------------------------------------------------------------------------------------
 # TextSpan
@@ -68,6 +83,36 @@ def _prepare_bank(text_bank: Tensor | np.ndarray, center: bool) -> Tensor:
     return bank - bank.mean(0) if center and bank.shape[0] > 1 else bank
 
 
+def _custom_span(
+    vecs: Tensor,
+    vals: Tensor,
+    bank: Tensor,
+    span_vectors: Tensor,
+    span_values: Tensor | None,
+    rank: int | None,
+) -> tuple[Tensor, Tensor]:
+    """Bank coordinates (M, r) in the top-`rank` span directions and the data covariance (r, r) there."""
+    if span_values is None:
+        raise ValueError("span_vectors needs span_values (to order and cut the directions)")
+    sv = torch.as_tensor(span_vectors).double().cpu()  # (D, S)
+    sw = torch.as_tensor(span_values).double().cpu().clamp_min(0.0)  # (S,)
+    if sv.ndim != 2 or sv.shape[0] != bank.shape[1] or sw.numel() != sv.shape[1]:
+        raise ValueError(
+            f"span_vectors must be (D, S) with (S,) span_values, got {tuple(sv.shape)}, {tuple(sw.shape)}"
+        )
+    order = sw.argsort(descending=True)
+    sw, sv = sw[order], sv[:, order]
+    numerical = int((sw > DEFAULT_RANK_RTOL * sw[0]).sum()) if sw.numel() and sw[0] > 0 else 0
+    keep = numerical if rank is None else min(int(rank), numerical)
+    if keep < 1:
+        raise ValueError(
+            f"rank must be at least 1 and the span non-empty, got rank={rank}, {numerical} directions"
+        )
+    sv = sv[:, :keep]  # (D, r)
+    g = sv.T @ vecs  # (r, R): span directions in the principal axes
+    return bank @ sv, (g * vals) @ g.T  # (M, r), (r, r)
+
+
 def textspan_spectrum(
     eigenvectors: Tensor,
     eigenvalues: Tensor,
@@ -76,6 +121,8 @@ def textspan_spectrum(
     rank: int | None = None,
     total_variance: float | None = None,
     center_bank: bool = True,
+    span_vectors: Tensor | None = None,
+    span_values: Tensor | None = None,
 ) -> list[tuple[int, float]]:
     """TextSpan from a unit's principal axes instead of its samples (what `textspan` calls).
 
@@ -91,6 +138,11 @@ def textspan_spectrum(
         total_variance: the unit's total variance, the denominator of the shares; None uses the
             sum of `eigenvalues`.
         center_bank: subtract the mean description from the (normalised) bank.
+        span_vectors: (D, S) orthonormal directions the bank is projected onto instead of the
+            principal directions (the authors: right-singular vectors of the uncentred data);
+            `rank` then cuts them, and `eigenvectors`/`eigenvalues` only give the variances.
+        span_values: (S,) their singular values squared (any scale), for ordering and the
+            numerical-rank cut; required with `span_vectors`.
 
     Returns:
         ``(bank index, variance share)`` per pick, in picking order.
@@ -111,9 +163,12 @@ def textspan_spectrum(
     keep = int((vals > DEFAULT_RANK_RTOL * vals[0]).sum()) if rank is None else min(int(rank), vals.numel())
     if keep < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
-    vals, vecs = vals[:keep], vecs[:, :keep]
-    coords = bank @ vecs  # (M, r): the bank projected onto the top-r span, in its coordinates
-    cov = torch.diag(vals)  # (r, r): the data's covariance in the same coordinates
+    if span_vectors is None:
+        vals, vecs = vals[:keep], vecs[:, :keep]
+        coords = bank @ vecs  # (M, r): the bank projected onto the top-r span, in its coordinates
+        cov = torch.diag(vals)  # (r, r): the data's covariance in the same coordinates
+    else:
+        coords, cov = _custom_span(vecs, vals, bank, span_vectors, span_values, rank)
     alive = torch.ones(coords.shape[0], dtype=torch.bool)
     picks: list[tuple[int, float]] = []
     for _ in range(min(int(k), coords.shape[0])):
@@ -148,6 +203,7 @@ def textspan(
     k: int = 10,
     rank: int | None = None,
     center_bank: bool = True,
+    span: Span = "centred",
 ) -> list[tuple[int, float]]:
     """Gandelsman et al.'s TextSpan: the descriptions that span a unit's output, greedily.
 
@@ -161,6 +217,8 @@ def textspan(
         rank: number of top right-singular vectors of the centred contributions that the bank is
             projected onto; None keeps all non-negligible ones.
         center_bank: subtract the mean description from the bank.
+        span: ``"centred"`` projects the bank on principal directions of the centred data (the
+            project), ``"uncentred"`` on right-singular vectors of the raw data (the authors).
 
     Returns:
         ``(bank index, variance share)`` per pick, in picking order; the share is the fraction
@@ -169,7 +227,15 @@ def textspan(
     """
     x = torch.as_tensor(contributions).detach().double().cpu()
     vecs, vals, total = _centred_spectrum(x)
-    return textspan_spectrum(vecs, vals, text_bank, k, rank, total_variance=total, center_bank=center_bank)
+    extra: dict[str, Tensor] = {}
+    if span == "uncentred":
+        _, s, vh = torch.linalg.svd(x, full_matrices=False)  # of the raw samples, as the authors
+        extra = {"span_vectors": vh.T, "span_values": s**2}
+    elif span != "centred":
+        raise ValueError(f"unknown span {span!r}; valid: centred, uncentred")
+    return textspan_spectrum(
+        vecs, vals, text_bank, k, rank, total_variance=total, center_bank=center_bank, **extra
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +321,8 @@ def unit_spectra(
     units: Sequence[str] | None = None,
     batch_size: int = 4096,
     max_samples: int | None = None,
-) -> dict[str, tuple[Tensor, Tensor]]:
+    uncentred: bool = False,
+) -> dict[str, tuple[Tensor, ...]]:
     """Principal directions and variances of units of a cache, from streamed second moments.
 
     Heads are handled in their compact coordinates (moments of y, then ``A Cov(y) A^T`` through
@@ -266,9 +333,12 @@ def unit_spectra(
         units: unit names (``"l3.h1"``, ``"l3.mlp"``, ``"emb"``); None means every head.
         batch_size: samples per cache read.
         max_samples: use only the first this many samples; None uses all.
+        uncentred: also return the eigen-decomposition of the raw second moment ``X^T X / N``
+            (the right-singular vectors of the uncentred samples, TextSpan's span for the authors).
 
     Returns:
-        ``{unit: (eigenvectors (D, R) in columns, variances (R,))}``, by decreasing variance.
+        ``{unit: (eigenvectors (D, R) in columns, variances (R,))}``, by decreasing variance;
+        with `uncentred`, ``(eigenvectors, variances, raw eigenvectors, raw eigenvalues)``.
     """
     maps = cache.head_maps.double()  # (L, H, D, k)
     layers, heads, dim, _ = maps.shape
@@ -310,14 +380,21 @@ def unit_spectra(
         idx = (layer, head) if kind == "head" else ((layer,) if kind == "mlp" else (0,))
         mean = s1[idx] / n
         cov = (s2[idx] - n * torch.outer(mean, mean)) / (n - 1)  # (k, k) or (D, D)
-        if kind == "head":
-            q, r = torch.linalg.qr(maps[layer, head])  # (D, k'), (k', k)
-            vals, w = torch.linalg.eigh(r @ cov @ r.T)
-            vecs = q @ w  # (D, k')
-        else:
-            vals, vecs = torch.linalg.eigh(cov)
-        order = vals.argsort(descending=True)
-        out[name] = (vecs[:, order], vals[order].clamp_min(0.0))
+        mats = [cov]
+        if uncentred:
+            raw_mean = mean + moments[kind][0][idx]  # the first batch's shift added back
+            mats.append(cov * ((n - 1) / n) + torch.outer(raw_mean, raw_mean))  # X^T X / N
+        result: list[Tensor] = []
+        for mat in mats:
+            if kind == "head":
+                q, r = torch.linalg.qr(maps[layer, head])  # (D, k'), (k', k)
+                vals, w = torch.linalg.eigh(r @ mat @ r.T)
+                vecs = q @ w  # (D, k')
+            else:
+                vals, vecs = torch.linalg.eigh(mat)
+            order = vals.argsort(descending=True)
+            result += [vecs[:, order], vals[order].clamp_min(0.0)]
+        out[name] = tuple(result)
     return out
 
 
@@ -330,6 +407,8 @@ def head_descriptions(
     rank: int | None = None,
     batch_size: int = 4096,
     max_samples: int | None = None,
+    center_bank: bool = True,
+    span: Span = "centred",
 ) -> list[dict[str, Any]]:
     """TextSpan descriptions of the heads (or any units) of a cache, as table rows.
 
@@ -342,6 +421,8 @@ def head_descriptions(
         rank: see `textspan`.
         batch_size: samples per cache read.
         max_samples: use only the first this many samples of the cache.
+        center_bank: see `textspan` (the authors: False).
+        span: see `textspan` (the authors: ``"uncentred"``).
 
     Returns:
         One dict per pick with keys unit, rank (1-based), index (in the bank), description,
@@ -350,11 +431,17 @@ def head_descriptions(
     """
     if len(descriptions) != bank.shape[0]:
         raise ValueError(f"{len(descriptions)} descriptions for a bank of {bank.shape[0]} embeddings")
-    spectra = unit_spectra(cache, units, batch_size=batch_size, max_samples=max_samples)
+    if span not in ("centred", "uncentred"):
+        raise ValueError(f"unknown span {span!r}; valid: centred, uncentred")
+    uncentred = span == "uncentred"
+    spectra = unit_spectra(cache, units, batch_size=batch_size, max_samples=max_samples, uncentred=uncentred)
     rows: list[dict[str, Any]] = []
-    for unit, (vecs, vals) in spectra.items():
+    for unit, spectrum in spectra.items():
+        vecs, vals = spectrum[:2]
+        extra = {"span_vectors": spectrum[2], "span_values": spectrum[3]} if uncentred else {}
+        picks = textspan_spectrum(vecs, vals, bank, k, rank, center_bank=center_bank, **extra)
         cumulative = 0.0
-        for i, (index, share) in enumerate(textspan_spectrum(vecs, vals, bank, k, rank)):
+        for i, (index, share) in enumerate(picks):
             cumulative += share
             rows.append(
                 {
