@@ -18,10 +18,11 @@ import pytest
 import torch
 from conftest import write_synthetic_cache as write_cache
 
-from residual_lightning.analysis import cli as analysis_cli
+from residual_lightning.analysis import similarity as similarity_module
 from residual_lightning.analysis.intrinsic_dim import layer_profile, twonn
 from residual_lightning.analysis.recipes import RECIPES, recipe_options
 from residual_lightning.analysis.selection import _num_heads, ablation_accuracy, head_means, head_scores
+from residual_lightning.analysis.similarity import similarity_bases
 from residual_lightning.analysis.textspan import PAPER_TEXTSPAN, head_descriptions, textspan
 
 D = 24
@@ -283,19 +284,19 @@ def test_similarity_refuses_two_datasets_on_one_reference_and_paper_uses_own_tra
     a = _StubData("cifar10", "imagenet", "bases-imagenet.safetensors")
     b = _StubData("dtd", "imagenet", "bases-imagenet.safetensors")
     with pytest.raises(ValueError, match="same 'imagenet' reference set.*--recipe paper"):
-        analysis_cli.similarity_bases(a, b, "reference")
+        similarity_bases(a, b, "reference")
     fitted = []
 
     def fake_fit(path, key, reference_cache, convention, reference, *_):
         fitted.append((key["dataset"], key["part"], reference_cache(), reference))
         return f"{key['dataset']}@train"
 
-    monkeypatch.setattr(analysis_cli, "load_or_fit_bases", fake_fit)
-    bases = analysis_cli.similarity_bases(a, b, recipe_options("paper", "similarity")["bases_from"])
+    monkeypatch.setattr(similarity_module, "load_or_fit_bases", fake_fit)
+    bases = similarity_bases(a, b, recipe_options("paper", "similarity")["bases_from"])
     assert bases == ("cifar10@train", "dtd@train")
     assert fitted == [("cifar10", "train", "cifar10-train", "train"), ("dtd", "train", "dtd-train", "train")]
     same = _StubData("cifar10", "train", "bases-c.safetensors")
-    assert analysis_cli.similarity_bases(same, None, "train") == ("cifar10@train", None)
+    assert similarity_bases(same, None, "train") == ("cifar10@train", None)
 
 
 def test_recipes_name_every_switch_and_reject_unknown_ones():

@@ -27,7 +27,6 @@ import csv
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -39,9 +38,9 @@ from residual_lightning.analysis.intrinsic_dim import id_profile, layer_profile
 from residual_lightning.analysis.recipes import Recipe, recipe_options
 from residual_lightning.analysis.report import write_report
 from residual_lightning.analysis.selection import selection_curve
-from residual_lightning.analysis.similarity import layer_similarity, unit_similarity
-from residual_lightning.analysis.textspan import head_descriptions, somp_descriptions
-from residual_lightning.data.bases import load_or_fit_bases
+from residual_lightning.analysis.similarity import layer_similarity, similarity_bases, unit_similarity
+from residual_lightning.analysis.somp import somp_descriptions
+from residual_lightning.analysis.textspan import head_descriptions
 from residual_lightning.data.datamodule import ResidualDataModule
 from residual_lightning.plots import (
     plot_id_profile,
@@ -52,7 +51,7 @@ from residual_lightning.plots import (
 
 Score = Literal["zeroshot", "text_corr", "output_corr", "random"]
 
-__all__ = ["intrinsic_dim", "main", "report", "selection", "similarity", "similarity_bases", "textspan"]
+__all__ = ["intrinsic_dim", "main", "report", "selection", "similarity", "textspan"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,52 +155,6 @@ def intrinsic_dim(
         },
     )
     return files
-
-
-def _train_bases(dm):
-    """PCA bases of every unit fitted on the data module's own train split (keyed file, reused)."""
-    if dm.reference == "train":
-        return dm.bases()
-    key = dm.key("train", dm.preprocessing())
-    return load_or_fit_bases(
-        dm.cache_dir / f"bases-{key.digest()}.safetensors",
-        asdict(key),
-        lambda: dm.caches["train"],
-        dm.convention,
-        "train",
-        dm.on_mismatch,
-        0,
-        1,
-    )
-
-
-def similarity_bases(dm, dm2=None, bases_from: Literal["reference", "train"] = "reference"):
-    """The two sides' PCA bases for `similarity`.
-
-    Args:
-        dm: first data module (prepared).
-        dm2: second data module, or None.
-        bases_from: ``reference`` (each config's PCA reference set, as its fits use) or ``train``
-            (each dataset's own train split, the authors' cross-dataset comparison).
-
-    Returns:
-        The bases of `dm` and of `dm2` (None without it).
-
-    Raises:
-        ValueError: two different datasets whose bases would both come from the same reference
-            set (e.g. ImageNet): every unit would only be compared with itself.
-    """
-    if bases_from not in ("reference", "train"):
-        raise ValueError(f"unknown bases_from {bases_from!r}; valid: reference, train")
-    if bases_from == "train":
-        return _train_bases(dm), (_train_bases(dm2) if dm2 is not None else None)
-    if dm2 is not None and dm.dataset != dm2.dataset and dm.bases_path() == dm2.bases_path():
-        raise ValueError(
-            f"--config and --config2 ({dm.dataset} vs {dm2.dataset}) both fit their PCA bases on the "
-            f"same {dm.reference!r} reference set, so every unit would be compared with itself (score 1); "
-            "compare each dataset's own train split with --recipe paper, or set data.reference: train"
-        )
-    return dm.bases(), (dm2.bases() if dm2 is not None else None)
 
 
 def similarity(

@@ -1,4 +1,4 @@
-"""Head specialisation in words: TextSpan and SOMP over a bank of text descriptions (method.md §4).
+"""Head specialisation in words: TextSpan over a bank of text descriptions (method.md §4).
 
 **TextSpan** (Gandelsman, Efros, Steinhardt, ICLR 2024). A unit's centred contributions X (N, D)
 and a bank of M text embeddings (normalised, then centred on the bank mean) are compared inside
@@ -27,13 +27,9 @@ covariance comes from the compact coordinates y of the cache (``c = A y``, `unit
 ``A = QR``, the eigenvectors of ``A Cov(y) A^T`` are Q times those of the k x k matrix
 ``R Cov(y) R^T``, so no (N, D) contribution is ever materialised (`head_descriptions`).
 
-**SOMP** (simultaneous orthogonal matching pursuit, Tropp et al. 2006), as the ResiDual authors
-use it: greedily add the bank atom whose correlations with the current residuals of all samples
-have the largest l1 norm (summed |<r_n, b>|), refit all samples on the selected atoms by least
-squares, update the residuals. k = 10 to explain a unit, 64 to ablate it.
-
-`head_descriptions` (TextSpan) and `somp_descriptions` (SOMP) run them on units of a cache and
-return table rows; the description banks are read and embedded by `bank.py`.
+`head_descriptions` runs it on units of a cache and returns table rows; SOMP, the other way to
+describe a unit, is in `somp.py` (re-exported here); the description banks are read, embedded and
+normalised by `bank.py`.
 
 Letters: N samples, D embedding size, M descriptions, r principal components kept, k picks.
 """
@@ -45,10 +41,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from residual_lightning.analysis.contributions import unit_contributions
+from residual_lightning.analysis.bank import prepare_bank as _prepare_bank
+from residual_lightning.analysis.somp import somp, somp_descriptions  # re-exported
 from residual_lightning.contributions import UnitLayout
 from residual_lightning.spectral import DEFAULT_RANK_RTOL
 
@@ -70,17 +66,6 @@ PAPER_TEXTSPAN: dict[str, Any] = {"center_bank": False, "span": "uncentred", "ra
 # --------------------------------------------------------------------------------------------
 # TextSpan
 # --------------------------------------------------------------------------------------------
-
-
-def _prepare_bank(text_bank: Tensor | np.ndarray, center: bool) -> Tensor:
-    """Float64 (M, D) bank: rows L2-normalised, then centred on their mean when asked."""
-    bank = torch.as_tensor(text_bank).detach().double().cpu()
-    if bank.ndim != 2 or bank.shape[0] == 0:
-        raise ValueError(f"text_bank must be a non-empty (M, D) matrix, got shape {tuple(bank.shape)}")
-    bank = F.normalize(bank, dim=-1)
-    # Centring removes what every description shares ("a photo of ..."), which says nothing
-    # about one unit in particular.
-    return bank - bank.mean(0) if center and bank.shape[0] > 1 else bank
 
 
 def _custom_span(
@@ -239,67 +224,6 @@ def textspan(
 
 
 # --------------------------------------------------------------------------------------------
-# SOMP
-# --------------------------------------------------------------------------------------------
-
-
-def somp(
-    contributions: Tensor | np.ndarray,
-    text_bank: Tensor | np.ndarray,
-    k: int = 10,
-    center: bool = True,
-    criterion: Literal["l1", "l2"] = "l1",
-) -> list[tuple[int, float]]:
-    """Simultaneous orthogonal matching pursuit of a unit's samples over a text bank.
-
-    Each step adds the atom b maximising ``sum_n |<r_n, b>|`` (``criterion="l1"``, the authors'
-    default) or ``sum_n <r_n, b>^2`` (``"l2"``) over the residuals r_n, refits every sample on
-    the selected atoms by least squares and recomputes the residuals. Only the (N, M) matrix of
-    correlations is kept: the residual correlations are ``X B^T - (X B_S^T) G_S^+ (B_S B^T)``
-    with ``G_S = B_S B_S^T``, so nothing (N, D) is updated.
-
-    Args:
-        contributions: (N, D) contributions of one unit.
-        text_bank: (M, D) text embeddings (rows L2-normalised here; not centred).
-        k: number of atoms (10 to explain a unit, 64 to ablate it).
-        center: subtract the samples' mean first (the fractions are then of the unit's variance).
-        criterion: ``"l1"`` or ``"l2"`` norm of an atom's correlations across samples.
-
-    Returns:
-        ``(bank index, fraction of variance explained after this step)`` per pick, in picking
-        order; the fractions are cumulative and non-decreasing.
-    """
-    if criterion not in ("l1", "l2"):
-        raise ValueError(f"unknown criterion {criterion!r}; valid: l1, l2")
-    x = torch.as_tensor(contributions).detach().double().cpu()
-    if x.ndim != 2:
-        raise ValueError(f"contributions must be an (N, D) matrix, got {tuple(x.shape)}")
-    bank = _prepare_bank(text_bank, center=False)  # (M, D)
-    if bank.shape[1] != x.shape[1]:
-        raise ValueError(f"bank has D={bank.shape[1]}, contributions D={x.shape[1]}")
-    if center:
-        x = x - x.mean(0)
-    total = float((x * x).sum())
-    if total <= 0:
-        return []
-    xb = x @ bank.T  # (N, M) correlations of the samples with every atom
-    gram = bank @ bank.T  # (M, M)
-    residual = xb
-    chosen: list[int] = []
-    picks: list[tuple[int, float]] = []
-    for _ in range(min(int(k), bank.shape[0])):
-        scores = residual.abs().sum(0) if criterion == "l1" else (residual * residual).sum(0)  # (M,)
-        scores[chosen] = -torch.inf
-        chosen.append(int(scores.argmax()))
-        g_inv = torch.linalg.pinv(gram[chosen][:, chosen], hermitian=True)  # (s, s)
-        xs = xb[:, chosen]  # (N, s)
-        residual = xb - xs @ (g_inv @ gram[chosen])  # (N, M)
-        explained = float(torch.trace(g_inv @ (xs.T @ xs))) / total
-        picks.append((chosen[-1], min(explained, 1.0)))
-    return picks
-
-
-# --------------------------------------------------------------------------------------------
 # Units of a cache
 # --------------------------------------------------------------------------------------------
 
@@ -453,49 +377,4 @@ def head_descriptions(
                     "cumulative": cumulative,
                 }
             )
-    return rows
-
-
-def somp_descriptions(
-    cache: Any,
-    bank: Tensor,
-    descriptions: Sequence[str],
-    k: int = 10,
-    units: Sequence[str] | None = None,
-    max_samples: int | None = 5000,
-    seed: int = 0,
-) -> list[dict[str, Any]]:
-    """SOMP descriptions of units of a cache, as table rows like `head_descriptions`.
-
-    SOMP works on the samples themselves, so it reads a seeded subsample of the cache
-    (`unit_contributions`) instead of streamed moments.
-
-    Args:
-        cache: an `ActivationCache`.
-        bank: (M, D) text embeddings of `descriptions` (`encode_bank`).
-        descriptions: the M descriptions, in the bank's order.
-        k: descriptions per unit.
-        units: unit names; None means emb, the MLPs, then the heads.
-        max_samples: samples of the subsample; None uses all.
-        seed: seed of the subsample.
-
-    Returns:
-        One dict per pick with keys unit, rank (1-based), index, description, share (what this
-        pick added) and cumulative (fraction of the unit's variance explained so far).
-    """
-    rows: list[dict[str, Any]] = []
-    for unit, x in unit_contributions(cache, max_samples, seed, units=units):
-        previous = 0.0
-        for r, (index, explained) in enumerate(somp(x, bank, k=k)):
-            rows.append(
-                {
-                    "unit": unit,
-                    "rank": r + 1,
-                    "index": index,
-                    "description": descriptions[index],
-                    "share": explained - previous,
-                    "cumulative": explained,
-                }
-            )
-            previous = explained
     return rows
