@@ -307,6 +307,7 @@ def test_recipes_name_every_switch_and_reject_unknown_ones():
         recipe_options("authors", "textspan")
 
 
+@pytest.mark.slow  # an extraction of the quickstart caches and four analyses (~100 s on 2 busy cores)
 def test_analyze_selection_and_intrinsic_dim_under_the_paper_recipe(digits_cache, tmp_path):
     from test_analyze_cli import CONFIG, read_csv
 
