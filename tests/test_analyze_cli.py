@@ -237,3 +237,23 @@ def test_report_rebuilds_initial_lambdas_and_logs_to_tensorboard(run, tmp_path):
     assert {"report/accuracy", "report/lambda_heatmap"} <= set(tags["images"])
     assert any(t.startswith("report") for t in tags["tensors"])  # the markdown text
     assert not math.isnan(events.Images("report/accuracy")[0].width)
+
+
+def test_report_and_textspan_under_the_paper_recipe(run):
+    """`--recipe paper` reaches the report's TextSpan and ID profile (the authors' definitions)."""
+    out = run["root"] / "report-paper"
+    args = ["--ckpt", str(run["ckpt"]), "--out_dir", str(out), "--id_samples", "300", "--top_units", "2"]
+    main(["analyze", "report", *args, "--recipe", "paper"])
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["recipe"] == "paper" and "`paper` recipe" in (out / "report.md").read_text()
+    layer = next(r for r in summary["intrinsic_dim"]["layers"] if r["layer"] == 2 and r["kind"] == "heads")
+    heads = [u for u in summary["intrinsic_dim"]["units"] if u["unit"].startswith("l2.h")]
+    mean = sum(u["linear_id"] for u in heads) / sum(u["twonn_id"] for u in heads)
+    assert layer["ratio"] == pytest.approx(mean)  # the ratio of the layer means
+    assert len({s["unit"] for s in summary["textspan"]}) == 2
+    paper = analyze(run, "textspan", "ts-paper", "--units", "l3.h1,l0.mlp", "--k", "3", "--recipe", "paper")
+    picks = [(r["unit"], r["index"]) for r in read_csv(paper / "textspan.csv")]
+    assert len(picks) == 6 and json.loads((paper / "textspan.json").read_text())["recipe"] == "paper"
+    default = run["root"] / "ts" / "textspan.csv"  # written by test_textspan_and_somp
+    if default.exists():
+        assert picks != [(r["unit"], r["index"]) for r in read_csv(default)]

@@ -3,7 +3,8 @@ specialisation (TextSpan, SOMP), the unit-selection ablation, and the report of 
 
 The library functions are torch/numpy, usable from a notebook on cached contributions; their
 figures are drawn by `residual_lightning.plots` (re-exported here); `report` reads checkpoints;
-`cli` is `residual-lightning analyze` and nothing imports it.
+`cli` is `residual-lightning analyze` and nothing imports it. `recipes` names the project's
+(``default``) and the ResiDual authors' (``paper``) definitions of each analysis.
 """
 
 from residual_lightning.analysis.bank import encode_bank, load_bank
@@ -16,6 +17,7 @@ from residual_lightning.analysis.intrinsic_dim import (
     twonn,
 )
 from residual_lightning.analysis.lambdas import lambda_movement
+from residual_lightning.analysis.recipes import RECIPES, recipe_options
 from residual_lightning.analysis.selection import ablate, head_scores, selection_curve
 from residual_lightning.analysis.similarity import (
     greedy_matching,
@@ -29,6 +31,7 @@ from residual_lightning.analysis.textspan import head_descriptions, somp, somp_d
 from residual_lightning.plots import plot_id_profile, plot_selection_curve, plot_similarity_heatmap
 
 __all__ = [
+    "RECIPES",
     "ablate",
     "encode_bank",
     "head_descriptions",
@@ -46,6 +49,7 @@ __all__ = [
     "layer_similarity",
     "linear_id",
     "pca_spectrum",
+    "recipe_options",
     "plot_id_profile",
     "plot_similarity_heatmap",
     "similarity_matrix",

@@ -14,11 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from residual_lightning.data.templates import read_list_file
 
-__all__ = ["encode_bank", "load_bank"]
+__all__ = ["encode_bank", "load_bank", "prepare_bank"]
 
 
 def load_bank(
@@ -77,3 +80,19 @@ def encode_bank(
     loaded = backbone if hasattr(backbone, "model") else backbone.load()
     emb = backbone_text_classifier(loaded, descriptions, ["{}"], batch_size=batch_size)
     return emb.cpu().float()
+
+
+def prepare_bank(text_bank: Tensor | np.ndarray, center: bool) -> Tensor:
+    """Float64 (M, D) bank: rows L2-normalised, then centred on their mean when asked.
+
+    Args:
+        text_bank: (M, D) text embeddings.
+        center: subtract the mean of the normalised rows (TextSpan's default; not SOMP's).
+    """
+    bank = torch.as_tensor(text_bank).detach().double().cpu()
+    if bank.ndim != 2 or bank.shape[0] == 0:
+        raise ValueError(f"text_bank must be a non-empty (M, D) matrix, got shape {tuple(bank.shape)}")
+    bank = F.normalize(bank, dim=-1)
+    # Centring removes what every description shares ("a photo of ..."), which says nothing
+    # about one unit in particular.
+    return bank - bank.mean(0) if center and bank.shape[0] > 1 else bank

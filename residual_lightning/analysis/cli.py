@@ -10,6 +10,10 @@ PNG figures into ``--out_dir``::
     residual-lightning analyze selection --config configs/quickstart.yaml [--seeds 10]
     residual-lightning analyze report --ckpt runs/.../best.ckpt [--config the_fit.yaml]
 
+Every subcommand takes ``--recipe default|paper``: ``default`` computes the project's variants,
+``paper`` the ResiDual authors' definitions (`residual_lightning.analysis.recipes`,
+docs/reproducing.md "Analyses"); the recipe is recorded in each JSON summary.
+
 Any data option given on the command line overrides the ``--config`` file's, like in ``fit``:
 ``--data.cache_dir /tmp/c`` (``--data2.*`` for the second config of ``similarity``). The data
 module is `ResidualDataModule.from_config`; the computations are the library functions of
@@ -31,10 +35,12 @@ from jsonargparse import ArgumentError, ArgumentParser
 from residual_lightning.analysis.bank import encode_bank, load_bank
 from residual_lightning.analysis.contributions import unit_contributions, unit_names
 from residual_lightning.analysis.intrinsic_dim import id_profile, layer_profile
+from residual_lightning.analysis.recipes import Recipe, recipe_options
 from residual_lightning.analysis.report import write_report
 from residual_lightning.analysis.selection import selection_curve
-from residual_lightning.analysis.similarity import layer_similarity, unit_similarity
-from residual_lightning.analysis.textspan import head_descriptions, somp_descriptions
+from residual_lightning.analysis.similarity import layer_similarity, similarity_bases, unit_similarity
+from residual_lightning.analysis.somp import somp_descriptions
+from residual_lightning.analysis.textspan import head_descriptions
 from residual_lightning.data.datamodule import ResidualDataModule
 from residual_lightning.plots import (
     plot_id_profile,
@@ -96,6 +102,7 @@ def intrinsic_dim(
     seed: int = 0,
     threshold: float = 0.99,
     fraction: float = 0.9,
+    recipe: Recipe = "default",
 ) -> dict[str, Path]:
     """Linear and TwoNN intrinsic dimension of every unit, and its profile over depth.
 
@@ -109,15 +116,20 @@ def intrinsic_dim(
         seed: seed of the subsample.
         threshold: explained variance of the linear ID.
         fraction: fraction of neighbour ratios TwoNN keeps.
+        recipe: ``default`` (duplicates collapsed, mean of per-head ratios) or ``paper`` (tied and
+            duplicated points dropped, ratio of the layer means).
     """
     dm = _prepared(datamodule)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = id_profile(
-        unit_contributions(dm.caches[part], max_samples, seed), threshold=threshold, fraction=fraction
+        unit_contributions(dm.caches[part], max_samples, seed),
+        threshold=threshold,
+        fraction=fraction,
+        **recipe_options(recipe, "twonn"),
     )
-    layers = layer_profile(rows)
+    layers = layer_profile(rows, **recipe_options(recipe, "layer_ratio"))
     n = rows[0]["n_points"]
     files = {
         "units": _write_csv(out / "intrinsic_dim_units.csv", rows),
@@ -133,6 +145,7 @@ def intrinsic_dim(
         {
             **_describe(dm),
             "part": part,
+            "recipe": recipe,
             "samples": n,
             "threshold": threshold,
             "fraction": fraction,
@@ -150,6 +163,7 @@ def similarity(
     out_dir: str = "analysis",
     units: str = "heads",
     threshold: float = 0.9,
+    recipe: Recipe = "default",
 ) -> dict[str, Path]:
     """Spectral cosine similarity of the units' PCA bases: within one config, or between two.
 
@@ -165,6 +179,9 @@ def similarity(
         out_dir: output folder.
         units: ``heads``, ``mlps``, ``all`` or comma-separated unit names (``l3.h1,l3.mlp``).
         threshold: cumulative explained variance each basis is cut at.
+        recipe: ``default`` (bases of each config's PCA reference set; two datasets sharing one
+            reference set are refused) or ``paper`` (each dataset's bases fitted on its own train
+            split, as the authors).
     """
     dm = _prepared(datamodule)
     dm2 = _prepared(datamodule2) if datamodule2 is not None else None
@@ -176,9 +193,9 @@ def similarity(
         raise ValueError(
             "the two configs' backbones have different unit layouts; compare same-architecture models"
         )
-    matrix, components = unit_similarity(
-        dm.bases(), names, threshold, bases2=dm2.bases() if dm2 is not None else None
-    )
+    bases_from = recipe_options(recipe, "similarity")["bases_from"]
+    bases, bases2 = similarity_bases(dm, dm2, bases_from)
+    matrix, components = unit_similarity(bases, names, threshold, bases2=bases2)
     n = len(names)
     rows = [
         {"unit_a": names[i], "unit_b": names[j], "similarity": float(matrix[i, j])}
@@ -215,6 +232,8 @@ def similarity(
             "a": _describe(dm),
             "b": _describe(dm2) if dm2 is not None else None,
             "threshold": threshold,
+            "recipe": recipe,
+            "bases_from": bases_from,
             "units": names,
             "components": components,
             "same_unit": same,
@@ -233,6 +252,7 @@ def textspan(
     method: Literal["textspan", "somp"] = "textspan",
     part: Literal["train", "val", "test"] = "train",
     max_samples: int | None = None,
+    recipe: Recipe = "default",
 ) -> dict[str, Path]:
     """Text descriptions of units: TextSpan (or SOMP) over a description bank.
 
@@ -250,6 +270,8 @@ def textspan(
             (on the samples themselves; bounded by max_samples, default 5000).
         part: cache part the units are read from.
         max_samples: samples used (null: all for textspan, 5000 for somp).
+        recipe: ``default`` (centred bank, span of the centred data, every non-negligible
+            direction) or ``paper`` (normalised bank only, span of the uncentred data, rank 80).
     """
     dm = _prepared(datamodule)
     out = Path(out_dir)
@@ -264,7 +286,15 @@ def textspan(
     cache = dm.caches[part]
     started = time.time()
     if method == "textspan":
-        rows = head_descriptions(cache, embeddings, descriptions, k=k, units=names, max_samples=max_samples)
+        rows = head_descriptions(
+            cache,
+            embeddings,
+            descriptions,
+            k=k,
+            units=names,
+            max_samples=max_samples,
+            **recipe_options(recipe, "textspan"),
+        )
     else:
         rows = somp_descriptions(
             cache, embeddings, descriptions, k=k, units=names, max_samples=max_samples or 5000
@@ -279,6 +309,7 @@ def textspan(
             **_describe(dm),
             "part": part,
             "method": method,
+            "recipe": recipe,
             "k": k,
             "bank_size": len(descriptions),
             "bank": bank or "shipped",
@@ -296,6 +327,7 @@ def selection(
     scores: tuple[Score, ...] = ("zeroshot", "text_corr", "output_corr", "random"),
     replace: tuple[Literal["zero", "mean"], ...] = ("zero", "mean"),
     seeds: int = 10,
+    recipe: Recipe = "default",
 ) -> dict[str, Path]:
     """Head-selection ablation: keep the top-k heads by a score (on validation), test accuracy.
 
@@ -308,6 +340,10 @@ def selection(
         scores: head scores (see residual_lightning.analysis.selection).
         replace: what replaces the removed heads: zero and/or their validation mean.
         seeds: seeds of the random score.
+        recipe: ``default`` (emb and MLPs always kept, correlations with the full output, k
+            rounded) or ``paper`` (only the kept heads survive, correlations with the sum of
+            the heads, U on the QR basis of the outputs, k truncated, at least 2 at 1%). Removed
+            units are replaced by their validation means under both.
     """
     dm = _prepared(datamodule)
     out = Path(out_dir)
@@ -323,6 +359,7 @@ def selection(
         scores=scores,
         replace=replace,
         seeds=seeds,
+        **recipe_options(recipe, "selection"),
     )
     files = {
         "table": _write_csv(out / "selection.csv", rows),
@@ -333,7 +370,8 @@ def selection(
         ),
     }
     files["summary"] = _write_json(
-        out / "selection.json", {**_describe(dm), "seconds": time.time() - started, "rows": rows}
+        out / "selection.json",
+        {**_describe(dm), "recipe": recipe, "seconds": time.time() - started, "rows": rows},
     )
     return files
 
@@ -346,6 +384,7 @@ def report(
     bank: str | None = None,
     descriptions_per_unit: int = 5,
     id_samples: int = 2000,
+    recipe: Recipe = "default",
 ) -> dict[str, Path]:
     """A markdown report of a checkpoint (accuracy, units that moved, TextSpan, ID, lambdas).
 
@@ -357,6 +396,7 @@ def report(
         bank: description file for TextSpan; null uses the shipped bank.
         descriptions_per_unit: TextSpan picks per unit.
         id_samples: train samples of the intrinsic-dimension profile.
+        recipe: ``default`` or ``paper``: the TextSpan and intrinsic-dimension definitions used.
     """
     path = write_report(
         ckpt,
@@ -366,6 +406,7 @@ def report(
         bank=bank,
         descriptions_per_unit=descriptions_per_unit,
         id_samples=id_samples,
+        recipe=recipe,
     )
     return {"report": path, "summary": path.with_name("report.json")}
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from residual_lightning.contributions import parse_unit
 
-__all__ = ["id_profile", "layer_profile", "linear_id", "pca_spectrum", "twonn"]
+__all__ = ["PAPER_ID", "id_profile", "layer_profile", "linear_id", "pca_spectrum", "twonn"]
 
 # Elements of one chunk of the distance matrix (chunk rows x N): 2**24 float32 = 64 MiB. Big
 # enough for efficient matmuls (838 rows at N = 20,000), small next to the data on any device.
@@ -169,8 +169,9 @@ def _merge_two_smallest(
     return top_v, index.gather(1, pos)
 
 
-def _two_nearest(y: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Distances (N,), (N,) from every row of y to its first and second nearest other rows.
+def _two_nearest(y: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Distances (N,), (N,) from every row of y to its first and second nearest other rows, and
+    the (N, 2) indices of those rows.
 
     Squared distances come from ||a||^2 + ||b||^2 - 2ab, one block of chunk_size rows at a time.
     Symmetry halves the matmuls: the block of rows [s, s + c) is compared with columns [s, N) only,
@@ -209,10 +210,26 @@ def _two_nearest(y: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
         neighbours = y.index_select(0, idx.reshape(-1)).view(c, 2, -1)  # (c, 2, r)
         diff = y[start : start + c, None, :] - neighbours  # (c, 2, r)
         dist = (diff * diff).sum(dim=-1).sqrt()  # (c, 2); faster than .norm(dim=-1) on CPU
-        dist = dist.sort(dim=1).values  # exact recomputation may swap near-ties
+        dist, pos = dist.sort(dim=1)  # exact recomputation may swap near-ties
         r1[start : start + c] = dist[:, 0]
         r2[start : start + c] = dist[:, 1]
-    return r1, r2
+        best_i[start : start + c] = idx.gather(1, pos)
+    return r1, r2, best_i
+
+
+def _exact_distances(x: Tensor, neighbours: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Float64 distances (N,), (N,) of every row of x to its two given neighbours, from x itself."""
+    n = x.shape[0]
+    out = torch.empty(n, 2, dtype=torch.float64, device=x.device)
+    for start in range(0, n, chunk_size):
+        idx = neighbours[start : start + chunk_size]  # (c, 2)
+        c = idx.shape[0]
+        diff = x[start : start + c, None, :].double() - x.index_select(0, idx.reshape(-1)).double().view(
+            c, 2, -1
+        )
+        out[start : start + c] = (diff * diff).sum(-1).sqrt()  # (c, 2)
+    out = out.sort(dim=1).values
+    return out[:, 0], out[:, 1]
 
 
 def _fit_twonn(mu: Tensor, fraction: float) -> float:
@@ -240,6 +257,7 @@ def twonn(
     low_rank: bool = True,
     rank_tol: float = 1e-10,
     device: torch.device | str | None = None,
+    ties: Ties = "collapse",
 ) -> float:
     """TwoNN intrinsic dimension (Facco et al. 2017) with skdim's empirical CDF and discard rule.
 
@@ -263,12 +281,19 @@ def twonn(
         rank_tol: principal variances below rank_tol times the largest count as zero (a relative
             standard deviation of 1e-5, above float32 rounding of exactly low-rank data).
         device: where to compute; None keeps x's device.
+        ties: ``"collapse"`` (the project, described above) or ``"drop"`` (the authors, after
+            Ansuini et al.): every point whose first-neighbour distance is 0 or equals its second
+            (recomputed in float64 from x, so exact ties of quantised data stay exact) is dropped
+            from the fit, duplicates staying as neighbours. Empirical CDF and cut as above, over
+            the points left.
 
     Returns:
         The estimated intrinsic dimension.
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    if ties not in ("collapse", "drop"):
+        raise ValueError(f"unknown ties {ties!r}; valid: collapse, drop")
     x = _as_tensor(x)
     if device is not None:
         x = x.to(device)
@@ -280,7 +305,15 @@ def twonn(
     with torch.no_grad():
         y = _span_coordinates(x, dtype, rank_tol, low_rank)  # (N, r)
         chunk = chunk_size or max(1, _CHUNK_ELEMENTS // n)
-        r1, r2 = _two_nearest(y, chunk)
+        r1, r2, neighbours = _two_nearest(y, chunk)
+        if ties == "drop":
+            r1, r2 = _exact_distances(x, neighbours, chunk)
+            valid = (r1 > 0) & (r1 != r2)
+            if int(valid.sum()) < 3:
+                raise ValueError(
+                    f"TwoNN: only {int(valid.sum())} of {n} points are neither duplicated nor tied"
+                )
+            return _fit_twonn(r2[valid] / r1[valid], fraction)
         if bool((r1 == 0).any()):
             _, inverse = torch.unique(x, dim=0, return_inverse=True)
             n_unique = int(inverse.max()) + 1
@@ -295,7 +328,7 @@ def twonn(
                     stacklevel=2,
                 )
                 y = y[first]  # (N_unique, r)
-                r1, r2 = _two_nearest(y, chunk_size or max(1, _CHUNK_ELEMENTS // n_unique))
+                r1, r2, _ = _two_nearest(y, chunk_size or max(1, _CHUNK_ELEMENTS // n_unique))
             valid = r1 > 0
             if not bool(valid.all()):
                 warnings.warn(
@@ -306,6 +339,11 @@ def twonn(
                 r1, r2 = r1[valid], r2[valid]
         return _fit_twonn(r2.double() / r1.double(), fraction)
 
+
+Ties = Literal["collapse", "drop"]
+Ratio = Literal["mean_of_ratios", "ratio_of_means"]
+# The authors' choices: tied/duplicated points dropped, per-layer ratio of the layer means.
+PAPER_ID: dict[str, Any] = {"ties": "drop", "ratio": "ratio_of_means"}
 
 UnitSource = Mapping[str, Tensor] | Callable[[], Iterable[tuple[str, Tensor]]] | Iterable[tuple[str, Tensor]]
 
@@ -320,6 +358,7 @@ def id_profile(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     chunk_size: int | None = None,
+    ties: Ties = "collapse",
 ) -> list[dict[str, Any]]:
     """Linear ID, TwoNN ID and their ratio for every unit.
 
@@ -354,7 +393,7 @@ def id_profile(
         x = x.to(device)
         lin = linear_id(x, threshold)
         try:
-            nonlin = twonn(x, fraction, dtype=dtype, chunk_size=chunk_size)
+            nonlin = twonn(x, fraction, dtype=dtype, chunk_size=chunk_size, ties=ties)
         except ValueError as err:  # e.g. a unit that is constant over the images
             warnings.warn(
                 f"id_profile: TwoNN undefined for unit {name!r} ({err}); recorded as NaN", stacklevel=2
@@ -379,19 +418,24 @@ def _parse_unit(name: str) -> tuple[int, str]:
     return ref.layer, "mlp" if ref.kind == "mlp" else "heads"
 
 
-def layer_profile(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def layer_profile(rows: Iterable[Mapping[str, Any]], ratio: Ratio = "mean_of_ratios") -> list[dict[str, Any]]:
     """Aggregate per-unit IDs per layer: the heads of a layer are averaged, the MLP kept on its own.
 
     Args:
         rows: per-unit dicts with keys unit, linear_id, twonn_id and ratio (as from `id_profile`);
             unit names are "emb", "l{l}.mlp" or "l{l}.h{h}".
+        ratio: a layer's ratio as the mean of its heads' ratios (``"mean_of_ratios"``, the
+            project) or as its mean linear ID over its mean TwoNN ID (``"ratio_of_means"``, the
+            authors).
 
     Returns:
         Rows sorted by layer with keys layer, kind ("emb", "heads" or "mlp"), n_units, linear_id,
         twonn_id and ratio. "emb" gets layer -1 (it enters block 0). For "heads" every column is
-        the mean over the layer's heads (so ratio is the mean of per-head ratios, not the ratio of
-        the means). Ready for `csv.DictWriter`.
+        the mean over the layer's heads, except ratio under ``"ratio_of_means"``. Ready for
+        `csv.DictWriter`.
     """
+    if ratio not in ("mean_of_ratios", "ratio_of_means"):
+        raise ValueError(f"unknown ratio {ratio!r}; valid: mean_of_ratios, ratio_of_means")
     groups: dict[tuple[int, str], list[Mapping[str, Any]]] = {}
     for row in rows:
         groups.setdefault(_parse_unit(str(row["unit"])), []).append(row)
@@ -405,7 +449,11 @@ def layer_profile(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "n_units": len(members),
                 "linear_id": float(np.mean([m["linear_id"] for m in members])),
                 "twonn_id": float(np.mean([m["twonn_id"] for m in members])),
-                "ratio": float(np.mean([m["ratio"] for m in members])),
+                "ratio": float(np.mean([m["ratio"] for m in members]))
+                if ratio == "mean_of_ratios"
+                else float(
+                    np.mean([m["linear_id"] for m in members]) / np.mean([m["twonn_id"] for m in members])
+                ),
             }
         )
     return out

@@ -32,6 +32,7 @@ from residual_lightning.analysis.bank import encode_bank, load_bank
 from residual_lightning.analysis.contributions import unit_contributions
 from residual_lightning.analysis.intrinsic_dim import id_profile, layer_profile
 from residual_lightning.analysis.lambdas import lambda_movement
+from residual_lightning.analysis.recipes import recipe_options
 from residual_lightning.analysis.textspan import head_descriptions
 from residual_lightning.plots import plot_accuracy, plot_id_profile, plot_lambda_heatmap, plot_lambda_movement
 
@@ -152,6 +153,7 @@ def write_report(
     descriptions_per_unit: int = 5,
     id_samples: int = 2000,
     seed: int = 0,
+    recipe: str = "default",
 ) -> Path:
     """Write ``report.md`` (and ``report.json`` and PNGs) about a `residual-lightning fit` checkpoint.
 
@@ -167,12 +169,15 @@ def write_report(
         descriptions_per_unit: TextSpan picks per unit.
         id_samples: train samples (seeded subsample) of the intrinsic-dimension profile.
         seed: seed of that subsample.
+        recipe: ``default`` or ``paper`` (`recipes.RECIPES`): the TextSpan, TwoNN and per-layer
+            ratio definitions used.
 
     Returns:
         The path of ``report.md``.
     """
     from residual_lightning.model import ResidualModel
 
+    recipe_options(recipe, "textspan")  # an unknown recipe fails before any work
     started = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,12 +216,19 @@ def write_report(
             )
         embeddings = encode_bank(dm.backbone, descriptions, cache_dir=dm.cache_dir)
         spans = head_descriptions(
-            dm.reference_cache(), embeddings, descriptions, k=descriptions_per_unit, units=described
+            dm.reference_cache(),
+            embeddings,
+            descriptions,
+            k=descriptions_per_unit,
+            units=described,
+            **recipe_options(recipe, "textspan"),
         )
 
     # Intrinsic dimension over depth, on a seeded subsample of the train part.
-    ids = id_profile(unit_contributions(dm.caches["train"], id_samples, seed))
-    layers = layer_profile(ids)
+    ids = id_profile(
+        unit_contributions(dm.caches["train"], id_samples, seed), **recipe_options(recipe, "twonn")
+    )
+    layers = layer_profile(ids, **recipe_options(recipe, "layer_ratio"))
     figures["id_profile"] = plot_id_profile(
         layers,
         out / "id_profile.png",
@@ -243,7 +255,8 @@ def write_report(
     md = [
         f"# ResiDual report: `{model.method}` on `{dm.dataset}`",
         "",
-        f"Checkpoint `{Path(ckpt_path).resolve()}`, written {time.strftime('%Y-%m-%d %H:%M')}.",
+        f"Checkpoint `{Path(ckpt_path).resolve()}`, written {time.strftime('%Y-%m-%d %H:%M')}; "
+        f"analyses under the `{recipe}` recipe.",
         "",
         f"The adapted model reaches **{test.get('adapted', float('nan')):.4f}** test accuracy against "
         f"{test.get('zeroshot', float('nan')):.4f} zero-shot ({gain:+.1f} points) with "
@@ -346,6 +359,7 @@ def write_report(
             {
                 "checkpoint": str(Path(ckpt_path).resolve()),
                 "method": model.method,
+                "recipe": recipe,
                 "dataset": dm.dataset,
                 "backbone": {"model_name": backbone.model_name, "pretrained": backbone.pretrained},
                 "learned_parameters": model.num_learned(),

@@ -27,7 +27,20 @@ authors divide a biased covariance by unbiased standard deviations, which scales
 it comes from streamed first and second moments of the compact head coordinates y and of z,
 ``c = A y`` (so ``<c, q_j> = <y, A^T q_j>``): no (N, L*H, D) tensor is ever built.
 
-Ablations run in logit space: ``z . w_c`` is linear in the units, so per-head logits (N, L, H, C)
+**Variants** (``docs/reproducing.md``, "Analyses"; the authors' ``experiments/experiment3.py``).
+``correlation="authors"``: the correlation target is the sum of the *heads only* (the authors'
+``score_unit_correlation`` sums the units it is given, the heads), ``output_corr`` projects on the
+QR basis of the full outputs of the scored split (``qr(Z^T).Q`` with Z the (N, D) outputs in cache
+order: for N >= D a rotation of R^D fixed by the first D samples) instead of the identity, and
+scores carry their (N - 1) / N factor. ``keep_rest=False``: only the kept heads survive an
+ablation (emb and MLPs are removed too: zeroed, or replaced by their means). ``k_rule="int"``:
+k = max(1, int(fraction * L*H)), and at least 2 heads at 1%, as the authors (``"round"``:
+round(fraction * L*H), at least 1). ``random="normal"``: the random baseline ranks heads by
+``torch.randn(L*H)`` of each seed, the authors' draw. Mean replacement uses the means of the
+scored (validation) split under every variant: the authors use the evaluated split's, i.e. test
+means, which touches test data. `PAPER_SELECTION` names the authors' choices.
+
+Ablations (`ablation.py`, re-exported here) run in logit space: ``z . w_c`` is linear in the units, so per-head logits (N, L, H, C)
 are computed once per cache batch and every keep mask is a weighted sum of them. Accuracy does
 not depend on the logit scale or on normalising z (a positive factor per sample), so the scaled
 cosine logits of `ResidualModel` rank classes exactly like these.
@@ -44,10 +57,20 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from residual_lightning.analysis.ablation import (  # re-exported: the ablation half of the analysis
+    Replace,
+    ablate,
+    ablation_accuracy,
+    classifier_weights,
+    head_means,
+    rows_per_read,
+    top_k_mask,
+)
 from residual_lightning.contributions import UnitLayout
 from residual_lightning.plots import plot_selection_curve  # re-exported: the figure of `selection_curve`
 
 __all__ = [
+    "PAPER_SELECTION",
     "SCORES",
     "ablate",
     "ablation_accuracy",
@@ -60,24 +83,16 @@ __all__ = [
 ]
 
 SCORES: tuple[str, ...] = ("zeroshot", "text_corr", "output_corr", "random")
-Replace = Literal["zero", "mean"]
-# Largest per-batch intermediate, in elements (2**25 float64 = 256 MiB): per-head logits are
-# (n, L, H, C), which for ImageNet's 1000 classes bounds a batch to a few hundred samples.
-_MAX_ELEMENTS = 2**25
-
-
-def _rows(batch_size: int, per_row: int) -> int:
-    """Samples per cache read so that an (n, per_row) intermediate stays under `_MAX_ELEMENTS`."""
-    return max(1, min(batch_size, _MAX_ELEMENTS // max(per_row, 1)))
-
-
-def _weights(classifier: Tensor | tuple[Tensor, float]) -> Tensor:
-    """(C, D) classifier weights from a tensor or a ``(weights, logit_scale)`` pair."""
-    w = classifier[0] if isinstance(classifier, tuple | list) else classifier
-    w = torch.as_tensor(w)
-    if w.ndim != 2:
-        raise ValueError(f"classifier must be a (C, D) matrix, got shape {tuple(w.shape)}")
-    return w
+Correlation = Literal["project", "authors"]
+KRule = Literal["round", "int"]
+RandomDraw = Literal["uniform", "normal"]
+# The authors' definitions (experiments/experiment3.py, unit_distance.score_unit_correlation).
+PAPER_SELECTION: dict[str, Any] = {
+    "correlation": "authors",
+    "keep_rest": False,
+    "k_rule": "int",
+    "random": "normal",
+}
 
 
 def _head_names(layers: int, heads: int) -> list[str]:
@@ -89,15 +104,21 @@ def _head_names(layers: int, heads: int) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def random_scores(layers: int, heads: int, seed: int) -> Tensor:
-    """(L, H) uniform random scores from a generator seeded with `seed`.
+def random_scores(layers: int, heads: int, seed: int, draw: RandomDraw = "uniform") -> Tensor:
+    """(L, H) random scores from a generator seeded with `seed`.
 
     Args:
         layers: L.
         heads: H.
         seed: generator seed.
+        draw: ``"uniform"`` (the project) or ``"normal"`` (the authors' ``torch.randn(L*H)``).
     """
-    return torch.rand(layers, heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    if draw == "normal":
+        return torch.randn(layers * heads, generator=g).double().reshape(layers, heads)
+    if draw != "uniform":
+        raise ValueError(f"unknown random draw {draw!r}; valid: uniform, normal")
+    return torch.rand(layers, heads, generator=g, dtype=torch.float64)
 
 
 def _correlation(maps: Tensor, basis: Tensor, c_yy: Tensor, c_yz: Tensor, c_zz: Tensor) -> Tensor:
@@ -123,6 +144,8 @@ def head_scores(
     scores: Sequence[str] = ("zeroshot", "text_corr", "output_corr"),
     batch_size: int = 2048,
     seed: int = 0,
+    correlation: Correlation = "project",
+    random: RandomDraw = "uniform",
 ) -> dict[str, Tensor]:
     """Per-head scores on a cache, in one streamed pass (see the module docstring).
 
@@ -133,6 +156,10 @@ def head_scores(
         scores: names among `SCORES`.
         batch_size: samples per cache read.
         seed: seed of the ``random`` score.
+        correlation: ``"project"`` (target: the full output; ``output_corr`` in the standard
+            basis) or ``"authors"`` (target: the sum of the heads; ``output_corr`` in the QR basis
+            of the full outputs; scores times (N - 1) / N).
+        random: draw of the ``random`` score (see `random_scores`).
 
     Returns:
         ``{score: (L, H) float64 tensor}``.
@@ -140,14 +167,17 @@ def head_scores(
     unknown = set(scores) - set(SCORES)
     if unknown:
         raise ValueError(f"unknown score(s) {sorted(unknown)}; valid: {', '.join(SCORES)}")
+    if correlation not in ("project", "authors"):
+        raise ValueError(f"unknown correlation {correlation!r}; valid: project, authors")
+    authors = correlation == "authors"
     maps = cache.head_maps.double()  # (L, H, D, k)
     layers, heads, dim, _ = maps.shape
-    w = _weights(classifier).double()  # (C, D)
+    w = classifier_weights(classifier).double()  # (C, D)
     if w.shape[1] != dim:
         raise ValueError(f"classifier has D={w.shape[1]}, the cache's heads D={dim}")
     out: dict[str, Tensor] = {}
     if "random" in scores:
-        out["random"] = random_scores(layers, heads, seed)
+        out["random"] = random_scores(layers, heads, seed, random)
     want_zs = "zeroshot" in scores
     want_corr = bool({"text_corr", "output_corr"} & set(scores))
     if not (want_zs or want_corr):
@@ -156,7 +186,8 @@ def head_scores(
     correct = torch.zeros(layers, heads, dtype=torch.float64)
     n = 0
     m: dict[str, Tensor] = {}
-    rows = _rows(batch_size, layers * heads * w.shape[0]) if want_zs else batch_size
+    first_z: list[Tensor] = []  # the first D outputs: they fix the authors' QR basis of all outputs
+    rows = rows_per_read(batch_size, layers * heads * w.shape[0]) if want_zs else batch_size
     for batch in cache.iter_batches(rows):
         y = batch.heads.double()  # (n, L, H, k)
         label = batch.label
@@ -164,9 +195,11 @@ def head_scores(
             logits = torch.einsum("nlhk,lhkc->nlhc", y, head_logit_maps)  # (n, L, H, C)
             correct += (logits.argmax(-1) == label[:, None, None]).double().sum(0)
         if want_corr:
-            z = (
-                batch.emb.double() + batch.mlps.double().sum(1) + torch.einsum("lhdk,nlhk->nd", maps, y)
-            )  # (n, D)
+            head_sum = torch.einsum("lhdk,nlhk->nd", maps, y)  # (n, D)
+            full = batch.emb.double() + batch.mlps.double().sum(1) + head_sum  # (n, D)
+            if authors and sum(len(f) for f in first_z) < dim:
+                first_z.append(full[: dim - sum(len(f) for f in first_z)])
+            z = head_sum if authors else full  # the correlation target
             if not m:
                 # Moments about the first batch's means keep float64 sums well conditioned.
                 m = {"y0": y.mean(0), "z0": z.mean(0)}
@@ -193,131 +226,35 @@ def head_scores(
         c_yy = m["syy"] / n - torch.einsum("lhk,lhj->lhkj", my, my)
         c_yz = m["syz"] / n - torch.einsum("lhk,d->lhkd", my, mz)
         c_zz = m["szz"] / n - torch.outer(mz, mz)
+        factor = (n - 1) / n if authors else 1.0  # biased covariance over unbiased stds
         if "text_corr" in scores:
             basis = torch.linalg.qr(w.T).Q  # (D, min(C, D)): orthonormal basis of the class span
-            out["text_corr"] = _correlation(maps, basis, c_yy, c_yz, c_zz)
+            out["text_corr"] = factor * _correlation(maps, basis, c_yy, c_yz, c_zz)
         if "output_corr" in scores:
-            out["output_corr"] = _correlation(maps, torch.eye(dim, dtype=torch.float64), c_yy, c_yz, c_zz)
+            # (D, min(N, D)) QR basis of the outputs (the authors), else the standard basis.
+            basis = (
+                torch.linalg.qr(torch.cat(first_z).T).Q if authors else torch.eye(dim, dtype=torch.float64)
+            )
+            out["output_corr"] = factor * _correlation(maps, basis, c_yy, c_yz, c_zz)
     return {name: out[name] for name in scores}
 
 
-@torch.no_grad()
-def head_means(cache: Any, batch_size: int = 4096) -> Tensor:
-    """(L, H, D) mean contribution of every head over a cache (the ``mean`` replacement).
+def _num_heads(fraction: float | int, total: int, rule: KRule = "round") -> int:
+    """Heads kept for a fraction: an int is a count (1 = "1 head"), a float a share of L*H.
 
-    Args:
-        cache: an `ActivationCache`.
-        batch_size: samples per cache read.
+    ``rule="round"`` rounds the share (at least 1 head); ``"int"`` truncates it like the authors
+    (at least 1 head, at least 2 for the 1% share).
     """
-    total, n = None, 0
-    for batch in cache.iter_batches(batch_size):
-        s = batch.heads.double().sum(0)  # (L, H, k)
-        total = s if total is None else total + s
-        n += len(batch)
-    if not n:
-        raise ValueError("the cache is empty")
-    return torch.einsum("lhdk,lhk->lhd", cache.head_maps.double(), total / n)  # (L, H, D)
-
-
-# --------------------------------------------------------------------------------------------
-# Ablation
-# --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def ablation_accuracy(
-    cache: Any,
-    classifier: Tensor | tuple[Tensor, float],
-    keep: Tensor,
-    replace: Replace = "zero",
-    means: Tensor | None = None,
-    batch_size: int = 2048,
-    dtype: torch.dtype = torch.float64,
-) -> Tensor:
-    """Accuracies of many keep masks at once: ``emb + MLPs + kept heads (+ removed heads' means)``.
-
-    Args:
-        cache: an `ActivationCache` (the TEST part for a selection curve).
-        classifier: (C, D) classifier, or a ``(weights, logit_scale)`` pair.
-        keep: (Q, L, H) or (L, H) boolean masks of the heads to keep.
-        replace: ``"zero"`` drops the other heads, ``"mean"`` replaces each by its mean.
-        means: (L, H, D) head means for ``"mean"``; None computes them on `cache` itself.
-        batch_size: samples per cache read.
-        dtype: compute dtype (float64 keeps exact ties away).
-
-    Returns:
-        (Q,) accuracies (a 0-dim tensor for a single (L, H) mask).
-    """
-    if replace not in ("zero", "mean"):
-        raise ValueError(f"unknown replace={replace!r}; valid: zero, mean")
-    maps = cache.head_maps.to(dtype)  # (L, H, D, k)
-    layers, heads = maps.shape[:2]
-    single = keep.ndim == 2
-    keep = torch.as_tensor(keep).bool().reshape(-1, layers, heads).to(dtype)  # (Q, L, H)
-    w = _weights(classifier).to(dtype)  # (C, D)
-    head_logit_maps = torch.einsum("lhdk,cd->lhkc", maps, w)  # (L, H, k, C)
-    offset = torch.zeros(keep.shape[0], w.shape[0], dtype=dtype)  # (Q, C)
-    if replace == "mean":
-        means = head_means(cache) if means is None else means
-        mean_logits = means.to(dtype) @ w.T  # (L, H, C)
-        offset = torch.einsum("qlh,lhc->qc", 1.0 - keep, mean_logits)
-    correct = torch.zeros(keep.shape[0], dtype=torch.float64)
-    n = 0
-    rows = _rows(batch_size, max(layers * heads, keep.shape[0]) * w.shape[0])
-    for batch in cache.iter_batches(rows):
-        base = (batch.emb.to(dtype) + batch.mlps.to(dtype).sum(1)) @ w.T  # (n, C)
-        per_head = torch.einsum("nlhk,lhkc->nlhc", batch.heads.to(dtype), head_logit_maps)  # (n, L, H, C)
-        logits = base + torch.einsum("qlh,nlhc->qnc", keep, per_head) + offset[:, None]  # (Q, n, C)
-        correct += (logits.argmax(-1) == batch.label).double().sum(1)
-        n += len(batch)
-    acc = correct / max(n, 1)
-    return acc[0] if single else acc
-
-
-def ablate(
-    cache: Any,
-    classifier: Tensor | tuple[Tensor, float],
-    keep: Tensor,
-    replace: Replace = "zero",
-    means: Tensor | None = None,
-) -> float:
-    """Accuracy with only the `keep` heads (the others zeroed or replaced by their means).
-
-    Args:
-        cache: an `ActivationCache`.
-        classifier: (C, D) classifier, or a ``(weights, logit_scale)`` pair.
-        keep: (L, H) boolean mask of the heads to keep.
-        replace: ``"zero"`` or ``"mean"``.
-        means: (L, H, D) head means for ``"mean"``; None computes them on `cache`.
-
-    Returns:
-        The accuracy, in [0, 1].
-    """
-    return float(ablation_accuracy(cache, classifier, torch.as_tensor(keep), replace, means))
-
-
-def top_k_mask(score: Tensor, k: int) -> Tensor:
-    """(L, H) mask of the k highest-scoring heads; ties go to the earlier head (layer-major).
-
-    Args:
-        score: (L, H) scores.
-        k: heads to keep.
-    """
-    flat = score.reshape(-1)
-    order = torch.sort(-flat, stable=True).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[order[:k]] = True
-    return mask.reshape(score.shape)
-
-
-def _num_heads(fraction: float | int, total: int) -> int:
-    """Heads kept for a fraction: an int is a count (1 = "1 head"), a float a share of L*H."""
     if isinstance(fraction, bool) or not isinstance(fraction, int | float):
         raise TypeError(f"fractions are head counts (int) or shares (float), got {fraction!r}")
     if isinstance(fraction, int):
         return min(max(fraction, 0), total)
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"a share of heads must be in [0, 1], got {fraction}")
+    if rule == "int":
+        return min(total, max(2 if fraction == 0.01 else 1, int(fraction * total)))
+    if rule != "round":
+        raise ValueError(f"unknown k_rule {rule!r}; valid: round, int")
     return min(total, max(1, round(fraction * total)))
 
 
@@ -331,6 +268,10 @@ def selection_curve(
     replace: Sequence[Replace] = ("zero", "mean"),
     seeds: int = 10,
     batch_size: int = 2048,
+    correlation: Correlation = "project",
+    keep_rest: bool = True,
+    k_rule: KRule = "round",
+    random: RandomDraw = "uniform",
 ) -> list[dict[str, Any]]:
     """Test accuracy when keeping the top-k heads by each score (scores and means on validation).
 
@@ -346,6 +287,11 @@ def selection_curve(
         replace: replacements of the removed heads: ``"zero"`` and/or ``"mean"``.
         seeds: number of seeds of the ``random`` score (rows report their mean and std).
         batch_size: samples per cache read.
+        correlation: correlation scores' definition (`head_scores`).
+        keep_rest: keep emb and MLPs in every ablation (False: only the kept heads survive).
+        k_rule: heads per share: ``"round"`` or the authors' ``"int"`` (`_num_heads`).
+        random: draw of the random baseline (`random_scores`).
+        `PAPER_SELECTION` holds the authors' values of the last four.
 
     Returns:
         Rows (dicts) with keys score, replace, target (the requested fraction), fraction (k / L*H),
@@ -357,22 +303,32 @@ def selection_curve(
     layers, heads = val_cache.head_maps.shape[:2]
     total = layers * heads
     names = _head_names(layers, heads)
-    ks = [_num_heads(f, total) for f in fractions]
+    ks = [_num_heads(f, total, k_rule) for f in fractions]
     fixed = [s for s in scores if s != "random"]
-    ranked = head_scores(val_cache, classifier, fixed, batch_size=batch_size)
+    ranked = head_scores(val_cache, classifier, fixed, batch_size=batch_size, correlation=correlation)
     if "random" in scores:
         for seed in range(seeds):
-            ranked[f"random:{seed}"] = random_scores(layers, heads, seed)
+            ranked[f"random:{seed}"] = random_scores(layers, heads, seed, random)
     labels = list(ranked)
     unique = sorted(set(ks))  # several targets may round to the same k: evaluate each k once
     masks = torch.stack([top_k_mask(ranked[s], k) for s in labels for k in unique])  # (S * K, L, H)
     masks = torch.cat([torch.ones(1, layers, heads, dtype=torch.bool), masks])  # full model first
-    means = head_means(val_cache) if "mean" in replace else None
+    means, rest_mean = head_means(val_cache, with_rest=True) if "mean" in replace else (None, None)
     rows: list[dict[str, Any]] = []
     for rep in replace:
-        acc = ablation_accuracy(test_cache, classifier, masks, rep, means, batch_size=batch_size)
+        acc = ablation_accuracy(
+            test_cache,
+            classifier,
+            masks,
+            rep,
+            means,
+            batch_size=batch_size,
+            keep_rest=keep_rest,
+            rest_mean=rest_mean,
+        )
         if not rows:
-            full = float(acc[0])
+            # The unablated model: every unit, whatever keep_rest says about ablated ones.
+            full = float(acc[0]) if keep_rest else float(ablation_accuracy(test_cache, classifier, masks[0]))
             rows.append(
                 dict(
                     score="full",

@@ -14,6 +14,8 @@ variances and explained-variance ratios give the same score.
 
 `unit_similarity` applies it to the units of a model (or of two models on the same layout) from
 their learned bases, `layer_similarity` averages it over pairs of heads per pair of layers.
+`similarity_bases` picks the bases two data modules are compared with: each config's PCA
+reference set, or (the authors, `--recipe paper`) each dataset's own train split.
 
 Letters: K principal components, D embedding size.
 """
@@ -21,15 +23,19 @@ Letters: K principal components, D embedding size.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import asdict
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from residual_lightning.data.bases import load_or_fit_bases
+
 __all__ = [
     "greedy_matching",
     "layer_similarity",
+    "similarity_bases",
     "similarity_matrix",
     "spectral_cosine_similarity",
     "truncate_basis",
@@ -274,3 +280,49 @@ def layer_similarity(
                     {"layer_a": la, "layer_b": lb, "pairs": len(vals), "mean_similarity": means[a, b].item()}
                 )
     return layer_ids, means, rows
+
+
+def _train_bases(dm):
+    """PCA bases of every unit fitted on the data module's own train split (keyed file, reused)."""
+    if dm.reference == "train":
+        return dm.bases()
+    key = dm.key("train", dm.preprocessing())
+    return load_or_fit_bases(
+        dm.cache_dir / f"bases-{key.digest()}.safetensors",
+        asdict(key),
+        lambda: dm.caches["train"],
+        dm.convention,
+        "train",
+        dm.on_mismatch,
+        0,
+        1,
+    )
+
+
+def similarity_bases(dm, dm2=None, bases_from: Literal["reference", "train"] = "reference"):
+    """The two sides' PCA bases for `similarity`.
+
+    Args:
+        dm: first data module (prepared).
+        dm2: second data module, or None.
+        bases_from: ``reference`` (each config's PCA reference set, as its fits use) or ``train``
+            (each dataset's own train split, the authors' cross-dataset comparison).
+
+    Returns:
+        The bases of `dm` and of `dm2` (None without it).
+
+    Raises:
+        ValueError: two different datasets whose bases would both come from the same reference
+            set (e.g. ImageNet): every unit would only be compared with itself.
+    """
+    if bases_from not in ("reference", "train"):
+        raise ValueError(f"unknown bases_from {bases_from!r}; valid: reference, train")
+    if bases_from == "train":
+        return _train_bases(dm), (_train_bases(dm2) if dm2 is not None else None)
+    if dm2 is not None and dm.dataset != dm2.dataset and dm.bases_path() == dm2.bases_path():
+        raise ValueError(
+            f"--config and --config2 ({dm.dataset} vs {dm2.dataset}) both fit their PCA bases on the "
+            f"same {dm.reference!r} reference set, so every unit would be compared with itself (score 1); "
+            "compare each dataset's own train split with --recipe paper, or set data.reference: train"
+        )
+    return dm.bases(), (dm2.bases() if dm2 is not None else None)

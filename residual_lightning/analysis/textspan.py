@@ -1,4 +1,4 @@
-"""Head specialisation in words: TextSpan and SOMP over a bank of text descriptions (method.md §4).
+"""Head specialisation in words: TextSpan over a bank of text descriptions (method.md §4).
 
 **TextSpan** (Gandelsman, Efros, Steinhardt, ICLR 2024). A unit's centred contributions X (N, D)
 and a bank of M text embeddings (normalised, then centred on the bank mean) are compared inside
@@ -11,19 +11,25 @@ along its direction u = t / |t|; deflate u from the data (``X <- X (I - u u^T)``
 description zero, so it is never picked twice; the shares add up to the variance the picks
 explain together.
 
+**Variants** (``docs/reproducing.md``, "Analyses"). The project's default centres the bank and
+projects it on the principal directions of the *centred* contributions, keeping every
+non-negligible one. Gandelsman et al.'s code and the ResiDual authors' (``sparse_decomposition.textspan``)
+only L2-normalise the bank, take the top right-singular vectors of the *uncentred* contributions
+(``svd(X)`` before X is centred) and fix the rank at 80: ``center_bank=False, span="uncentred",
+rank=80`` (`PAPER_TEXTSPAN`). Their score is the standard deviation of ``X t`` (same argmax as the
+variance) and their deflations are the ones above. Where 80 exceeds the unit's numerical rank
+(a head: rank <= d = 64) their extra singular vectors are arbitrary null directions of X; here the
+span stops at the numerical rank instead.
+
 Everything above depends on X only through its covariance, so it runs in the r-dimensional
 principal coordinates of the unit (r <= rank): O(M r^2) per pick, whatever N is. For a head the
 covariance comes from the compact coordinates y of the cache (``c = A y``, `units.py`): with
 ``A = QR``, the eigenvectors of ``A Cov(y) A^T`` are Q times those of the k x k matrix
 ``R Cov(y) R^T``, so no (N, D) contribution is ever materialised (`head_descriptions`).
 
-**SOMP** (simultaneous orthogonal matching pursuit, Tropp et al. 2006), as the ResiDual authors
-use it: greedily add the bank atom whose correlations with the current residuals of all samples
-have the largest l1 norm (summed |<r_n, b>|), refit all samples on the selected atoms by least
-squares, update the residuals. k = 10 to explain a unit, 64 to ablate it.
-
-`head_descriptions` (TextSpan) and `somp_descriptions` (SOMP) run them on units of a cache and
-return table rows; the description banks are read and embedded by `bank.py`.
+`head_descriptions` runs it on units of a cache and returns table rows; SOMP, the other way to
+describe a unit, is in `somp.py` (re-exported here); the description banks are read, embedded and
+normalised by `bank.py`.
 
 Letters: N samples, D embedding size, M descriptions, r principal components kept, k picks.
 """
@@ -35,14 +41,15 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from residual_lightning.analysis.contributions import unit_contributions
+from residual_lightning.analysis.bank import prepare_bank as _prepare_bank
+from residual_lightning.analysis.somp import somp, somp_descriptions  # re-exported
 from residual_lightning.contributions import UnitLayout
 from residual_lightning.spectral import DEFAULT_RANK_RTOL
 
 __all__ = [
+    "PAPER_TEXTSPAN",
     "head_descriptions",
     "somp",
     "somp_descriptions",
@@ -52,20 +59,43 @@ __all__ = [
 ]
 
 
+Span = Literal["centred", "uncentred"]
+# The authors' (and Gandelsman et al.'s) TextSpan: normalised bank, SVD of the uncentred data, rank 80.
+PAPER_TEXTSPAN: dict[str, Any] = {"center_bank": False, "span": "uncentred", "rank": 80}
+
 # --------------------------------------------------------------------------------------------
 # TextSpan
 # --------------------------------------------------------------------------------------------
 
 
-def _prepare_bank(text_bank: Tensor | np.ndarray, center: bool) -> Tensor:
-    """Float64 (M, D) bank: rows L2-normalised, then centred on their mean when asked."""
-    bank = torch.as_tensor(text_bank).detach().double().cpu()
-    if bank.ndim != 2 or bank.shape[0] == 0:
-        raise ValueError(f"text_bank must be a non-empty (M, D) matrix, got shape {tuple(bank.shape)}")
-    bank = F.normalize(bank, dim=-1)
-    # Centring removes what every description shares ("a photo of ..."), which says nothing
-    # about one unit in particular.
-    return bank - bank.mean(0) if center and bank.shape[0] > 1 else bank
+def _custom_span(
+    vecs: Tensor,
+    vals: Tensor,
+    bank: Tensor,
+    span_vectors: Tensor,
+    span_values: Tensor | None,
+    rank: int | None,
+) -> tuple[Tensor, Tensor]:
+    """Bank coordinates (M, r) in the top-`rank` span directions and the data covariance (r, r) there."""
+    if span_values is None:
+        raise ValueError("span_vectors needs span_values (to order and cut the directions)")
+    sv = torch.as_tensor(span_vectors).double().cpu()  # (D, S)
+    sw = torch.as_tensor(span_values).double().cpu().clamp_min(0.0)  # (S,)
+    if sv.ndim != 2 or sv.shape[0] != bank.shape[1] or sw.numel() != sv.shape[1]:
+        raise ValueError(
+            f"span_vectors must be (D, S) with (S,) span_values, got {tuple(sv.shape)}, {tuple(sw.shape)}"
+        )
+    order = sw.argsort(descending=True)
+    sw, sv = sw[order], sv[:, order]
+    numerical = int((sw > DEFAULT_RANK_RTOL * sw[0]).sum()) if sw.numel() and sw[0] > 0 else 0
+    keep = numerical if rank is None else min(int(rank), numerical)
+    if keep < 1:
+        raise ValueError(
+            f"rank must be at least 1 and the span non-empty, got rank={rank}, {numerical} directions"
+        )
+    sv = sv[:, :keep]  # (D, r)
+    g = sv.T @ vecs  # (r, R): span directions in the principal axes
+    return bank @ sv, (g * vals) @ g.T  # (M, r), (r, r)
 
 
 def textspan_spectrum(
@@ -76,6 +106,8 @@ def textspan_spectrum(
     rank: int | None = None,
     total_variance: float | None = None,
     center_bank: bool = True,
+    span_vectors: Tensor | None = None,
+    span_values: Tensor | None = None,
 ) -> list[tuple[int, float]]:
     """TextSpan from a unit's principal axes instead of its samples (what `textspan` calls).
 
@@ -91,6 +123,11 @@ def textspan_spectrum(
         total_variance: the unit's total variance, the denominator of the shares; None uses the
             sum of `eigenvalues`.
         center_bank: subtract the mean description from the (normalised) bank.
+        span_vectors: (D, S) orthonormal directions the bank is projected onto instead of the
+            principal directions (the authors: right-singular vectors of the uncentred data);
+            `rank` then cuts them, and `eigenvectors`/`eigenvalues` only give the variances.
+        span_values: (S,) their singular values squared (any scale), for ordering and the
+            numerical-rank cut; required with `span_vectors`.
 
     Returns:
         ``(bank index, variance share)`` per pick, in picking order.
@@ -111,9 +148,12 @@ def textspan_spectrum(
     keep = int((vals > DEFAULT_RANK_RTOL * vals[0]).sum()) if rank is None else min(int(rank), vals.numel())
     if keep < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
-    vals, vecs = vals[:keep], vecs[:, :keep]
-    coords = bank @ vecs  # (M, r): the bank projected onto the top-r span, in its coordinates
-    cov = torch.diag(vals)  # (r, r): the data's covariance in the same coordinates
+    if span_vectors is None:
+        vals, vecs = vals[:keep], vecs[:, :keep]
+        coords = bank @ vecs  # (M, r): the bank projected onto the top-r span, in its coordinates
+        cov = torch.diag(vals)  # (r, r): the data's covariance in the same coordinates
+    else:
+        coords, cov = _custom_span(vecs, vals, bank, span_vectors, span_values, rank)
     alive = torch.ones(coords.shape[0], dtype=torch.bool)
     picks: list[tuple[int, float]] = []
     for _ in range(min(int(k), coords.shape[0])):
@@ -148,6 +188,7 @@ def textspan(
     k: int = 10,
     rank: int | None = None,
     center_bank: bool = True,
+    span: Span = "centred",
 ) -> list[tuple[int, float]]:
     """Gandelsman et al.'s TextSpan: the descriptions that span a unit's output, greedily.
 
@@ -161,6 +202,8 @@ def textspan(
         rank: number of top right-singular vectors of the centred contributions that the bank is
             projected onto; None keeps all non-negligible ones.
         center_bank: subtract the mean description from the bank.
+        span: ``"centred"`` projects the bank on principal directions of the centred data (the
+            project), ``"uncentred"`` on right-singular vectors of the raw data (the authors).
 
     Returns:
         ``(bank index, variance share)`` per pick, in picking order; the share is the fraction
@@ -169,68 +212,15 @@ def textspan(
     """
     x = torch.as_tensor(contributions).detach().double().cpu()
     vecs, vals, total = _centred_spectrum(x)
-    return textspan_spectrum(vecs, vals, text_bank, k, rank, total_variance=total, center_bank=center_bank)
-
-
-# --------------------------------------------------------------------------------------------
-# SOMP
-# --------------------------------------------------------------------------------------------
-
-
-def somp(
-    contributions: Tensor | np.ndarray,
-    text_bank: Tensor | np.ndarray,
-    k: int = 10,
-    center: bool = True,
-    criterion: Literal["l1", "l2"] = "l1",
-) -> list[tuple[int, float]]:
-    """Simultaneous orthogonal matching pursuit of a unit's samples over a text bank.
-
-    Each step adds the atom b maximising ``sum_n |<r_n, b>|`` (``criterion="l1"``, the authors'
-    default) or ``sum_n <r_n, b>^2`` (``"l2"``) over the residuals r_n, refits every sample on
-    the selected atoms by least squares and recomputes the residuals. Only the (N, M) matrix of
-    correlations is kept: the residual correlations are ``X B^T - (X B_S^T) G_S^+ (B_S B^T)``
-    with ``G_S = B_S B_S^T``, so nothing (N, D) is updated.
-
-    Args:
-        contributions: (N, D) contributions of one unit.
-        text_bank: (M, D) text embeddings (rows L2-normalised here; not centred).
-        k: number of atoms (10 to explain a unit, 64 to ablate it).
-        center: subtract the samples' mean first (the fractions are then of the unit's variance).
-        criterion: ``"l1"`` or ``"l2"`` norm of an atom's correlations across samples.
-
-    Returns:
-        ``(bank index, fraction of variance explained after this step)`` per pick, in picking
-        order; the fractions are cumulative and non-decreasing.
-    """
-    if criterion not in ("l1", "l2"):
-        raise ValueError(f"unknown criterion {criterion!r}; valid: l1, l2")
-    x = torch.as_tensor(contributions).detach().double().cpu()
-    if x.ndim != 2:
-        raise ValueError(f"contributions must be an (N, D) matrix, got {tuple(x.shape)}")
-    bank = _prepare_bank(text_bank, center=False)  # (M, D)
-    if bank.shape[1] != x.shape[1]:
-        raise ValueError(f"bank has D={bank.shape[1]}, contributions D={x.shape[1]}")
-    if center:
-        x = x - x.mean(0)
-    total = float((x * x).sum())
-    if total <= 0:
-        return []
-    xb = x @ bank.T  # (N, M) correlations of the samples with every atom
-    gram = bank @ bank.T  # (M, M)
-    residual = xb
-    chosen: list[int] = []
-    picks: list[tuple[int, float]] = []
-    for _ in range(min(int(k), bank.shape[0])):
-        scores = residual.abs().sum(0) if criterion == "l1" else (residual * residual).sum(0)  # (M,)
-        scores[chosen] = -torch.inf
-        chosen.append(int(scores.argmax()))
-        g_inv = torch.linalg.pinv(gram[chosen][:, chosen], hermitian=True)  # (s, s)
-        xs = xb[:, chosen]  # (N, s)
-        residual = xb - xs @ (g_inv @ gram[chosen])  # (N, M)
-        explained = float(torch.trace(g_inv @ (xs.T @ xs))) / total
-        picks.append((chosen[-1], min(explained, 1.0)))
-    return picks
+    extra: dict[str, Tensor] = {}
+    if span == "uncentred":
+        _, s, vh = torch.linalg.svd(x, full_matrices=False)  # of the raw samples, as the authors
+        extra = {"span_vectors": vh.T, "span_values": s**2}
+    elif span != "centred":
+        raise ValueError(f"unknown span {span!r}; valid: centred, uncentred")
+    return textspan_spectrum(
+        vecs, vals, text_bank, k, rank, total_variance=total, center_bank=center_bank, **extra
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +245,8 @@ def unit_spectra(
     units: Sequence[str] | None = None,
     batch_size: int = 4096,
     max_samples: int | None = None,
-) -> dict[str, tuple[Tensor, Tensor]]:
+    uncentred: bool = False,
+) -> dict[str, tuple[Tensor, ...]]:
     """Principal directions and variances of units of a cache, from streamed second moments.
 
     Heads are handled in their compact coordinates (moments of y, then ``A Cov(y) A^T`` through
@@ -266,9 +257,12 @@ def unit_spectra(
         units: unit names (``"l3.h1"``, ``"l3.mlp"``, ``"emb"``); None means every head.
         batch_size: samples per cache read.
         max_samples: use only the first this many samples; None uses all.
+        uncentred: also return the eigen-decomposition of the raw second moment ``X^T X / N``
+            (the right-singular vectors of the uncentred samples, TextSpan's span for the authors).
 
     Returns:
-        ``{unit: (eigenvectors (D, R) in columns, variances (R,))}``, by decreasing variance.
+        ``{unit: (eigenvectors (D, R) in columns, variances (R,))}``, by decreasing variance;
+        with `uncentred`, ``(eigenvectors, variances, raw eigenvectors, raw eigenvalues)``.
     """
     maps = cache.head_maps.double()  # (L, H, D, k)
     layers, heads, dim, _ = maps.shape
@@ -310,14 +304,21 @@ def unit_spectra(
         idx = (layer, head) if kind == "head" else ((layer,) if kind == "mlp" else (0,))
         mean = s1[idx] / n
         cov = (s2[idx] - n * torch.outer(mean, mean)) / (n - 1)  # (k, k) or (D, D)
-        if kind == "head":
-            q, r = torch.linalg.qr(maps[layer, head])  # (D, k'), (k', k)
-            vals, w = torch.linalg.eigh(r @ cov @ r.T)
-            vecs = q @ w  # (D, k')
-        else:
-            vals, vecs = torch.linalg.eigh(cov)
-        order = vals.argsort(descending=True)
-        out[name] = (vecs[:, order], vals[order].clamp_min(0.0))
+        mats = [cov]
+        if uncentred:
+            raw_mean = mean + moments[kind][0][idx]  # the first batch's shift added back
+            mats.append(cov * ((n - 1) / n) + torch.outer(raw_mean, raw_mean))  # X^T X / N
+        result: list[Tensor] = []
+        for mat in mats:
+            if kind == "head":
+                q, r = torch.linalg.qr(maps[layer, head])  # (D, k'), (k', k)
+                vals, w = torch.linalg.eigh(r @ mat @ r.T)
+                vecs = q @ w  # (D, k')
+            else:
+                vals, vecs = torch.linalg.eigh(mat)
+            order = vals.argsort(descending=True)
+            result += [vecs[:, order], vals[order].clamp_min(0.0)]
+        out[name] = tuple(result)
     return out
 
 
@@ -330,6 +331,8 @@ def head_descriptions(
     rank: int | None = None,
     batch_size: int = 4096,
     max_samples: int | None = None,
+    center_bank: bool = True,
+    span: Span = "centred",
 ) -> list[dict[str, Any]]:
     """TextSpan descriptions of the heads (or any units) of a cache, as table rows.
 
@@ -342,6 +345,8 @@ def head_descriptions(
         rank: see `textspan`.
         batch_size: samples per cache read.
         max_samples: use only the first this many samples of the cache.
+        center_bank: see `textspan` (the authors: False).
+        span: see `textspan` (the authors: ``"uncentred"``).
 
     Returns:
         One dict per pick with keys unit, rank (1-based), index (in the bank), description,
@@ -350,11 +355,17 @@ def head_descriptions(
     """
     if len(descriptions) != bank.shape[0]:
         raise ValueError(f"{len(descriptions)} descriptions for a bank of {bank.shape[0]} embeddings")
-    spectra = unit_spectra(cache, units, batch_size=batch_size, max_samples=max_samples)
+    if span not in ("centred", "uncentred"):
+        raise ValueError(f"unknown span {span!r}; valid: centred, uncentred")
+    uncentred = span == "uncentred"
+    spectra = unit_spectra(cache, units, batch_size=batch_size, max_samples=max_samples, uncentred=uncentred)
     rows: list[dict[str, Any]] = []
-    for unit, (vecs, vals) in spectra.items():
+    for unit, spectrum in spectra.items():
+        vecs, vals = spectrum[:2]
+        extra = {"span_vectors": spectrum[2], "span_values": spectrum[3]} if uncentred else {}
+        picks = textspan_spectrum(vecs, vals, bank, k, rank, center_bank=center_bank, **extra)
         cumulative = 0.0
-        for i, (index, share) in enumerate(textspan_spectrum(vecs, vals, bank, k, rank)):
+        for i, (index, share) in enumerate(picks):
             cumulative += share
             rows.append(
                 {
@@ -366,49 +377,4 @@ def head_descriptions(
                     "cumulative": cumulative,
                 }
             )
-    return rows
-
-
-def somp_descriptions(
-    cache: Any,
-    bank: Tensor,
-    descriptions: Sequence[str],
-    k: int = 10,
-    units: Sequence[str] | None = None,
-    max_samples: int | None = 5000,
-    seed: int = 0,
-) -> list[dict[str, Any]]:
-    """SOMP descriptions of units of a cache, as table rows like `head_descriptions`.
-
-    SOMP works on the samples themselves, so it reads a seeded subsample of the cache
-    (`unit_contributions`) instead of streamed moments.
-
-    Args:
-        cache: an `ActivationCache`.
-        bank: (M, D) text embeddings of `descriptions` (`encode_bank`).
-        descriptions: the M descriptions, in the bank's order.
-        k: descriptions per unit.
-        units: unit names; None means emb, the MLPs, then the heads.
-        max_samples: samples of the subsample; None uses all.
-        seed: seed of the subsample.
-
-    Returns:
-        One dict per pick with keys unit, rank (1-based), index, description, share (what this
-        pick added) and cumulative (fraction of the unit's variance explained so far).
-    """
-    rows: list[dict[str, Any]] = []
-    for unit, x in unit_contributions(cache, max_samples, seed, units=units):
-        previous = 0.0
-        for r, (index, explained) in enumerate(somp(x, bank, k=k)):
-            rows.append(
-                {
-                    "unit": unit,
-                    "rank": r + 1,
-                    "index": index,
-                    "description": descriptions[index],
-                    "share": explained - previous,
-                    "cumulative": explained,
-                }
-            )
-            previous = explained
     return rows
