@@ -27,6 +27,9 @@ from residual_lightning.data.registry import DATASETS
 from residual_lightning.model import ResidualModel
 from residual_lightning.units import BackboneSpec, layout_from_config
 
+# The options a model resolves residual_star to: its unset threshold_fallback takes model.threshold_fallback.
+RESOLVED_STAR = ResidualStarOptions(seed=3, threshold_fallback="all")
+
 # The CLI warns when `args=` is given while sys.argv holds pytest's own options: intended here.
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is intended")
 
@@ -248,15 +251,15 @@ def test_adapter_options_are_listed_in_help(capsys):
 def test_adapter_option_override_and_the_old_spelling(tmp_path):
     star = CONFIGS / "methods" / "residual_star.yaml"
     cli = build(tmp_path, TINY, DIGITS, star, extra=("--model.adapter.seed", "3"))
-    assert cli.model.options == ResidualStarOptions(seed=3)
-    assert cli.model.hparams.adapter == ResidualStarOptions(seed=3).to_hparams()
+    assert cli.model.options == RESOLVED_STAR
+    assert cli.model.hparams.adapter == RESOLVED_STAR.to_hparams()
     old = tmp_path / "old.yaml"
     old.write_text("model:\n  method: residual_star\n  adapter:\n    seed: 3\n")
     with pytest.warns(
         FutureWarning, match=r"write `model.adapter: \{class_path: residual_lightning.adapters"
     ):
         cli = build(tmp_path, TINY, DIGITS, old)
-    assert cli.model.options == ResidualStarOptions(seed=3)
+    assert cli.model.options == RESOLVED_STAR
 
 
 @pytest.mark.parametrize("method", METHODS, ids=ids(METHODS))
