@@ -225,6 +225,9 @@ def find_lr(
     model.hparams["lr_found"] = lr
     if trainer.is_global_zero:
         print(f"LR finder: lr = {lr:.4g} ({LR_RULE}; {len(lrs)} rates from {min_lr:g} to {max_lr:g})")
+        if index in (0, len(lrs) - 1):  # reported, not moved: the rule's answer stands
+            end = "smallest" if index == 0 else "largest"
+            print(f"LR finder: {lr:.4g} is the {end} rate tried; the best rate may lie beyond it")
     loggers = _loggers(trainer)
     if loggers and trainer.is_global_zero:
         shown = [v if math.isfinite(v) else float("nan") for v in smoothed]
