@@ -194,9 +194,9 @@ class SpectralOptions(AdapterOptions):
         basis: the directions scaled: ``output_pca`` (the principal components of the embedding,
             ``Phi^T diag(lambda) Phi (e - mu)``, the paper's text; this framework's default) or
             ``standard`` (the output's standard basis, ``lambda * (e - mu)`` elementwise, what the
-            authors' code runs and configs/recipes/paper.yaml's docs select). With ``standard`` the
-            ``explained_variance``/``singular``/``eigen`` inits use each coordinate's variance on
-            the reference set.
+            authors' code runs). With ``standard`` the ``explained_variance``/``singular``/``eigen``
+            inits use each coordinate's variance on the reference set. None: ``model.spectral_basis``
+            (``output_pca`` unless a recipe sets it: configs/recipes/paper.yaml sets ``standard``).
     """
 
     method: ClassVar[str] = "spectral"
@@ -205,7 +205,7 @@ class SpectralOptions(AdapterOptions):
     init: Init = "normal"
     add_mean: bool = False
     seed: int = 0
-    basis: Literal["output_pca", "standard"] = "output_pca"
+    basis: Literal["output_pca", "standard"] | None = None
 
     def build(self, bases: UnitBases | None, head_maps: Tensor) -> SpectralAdapter:
         """A `SpectralAdapter` on the PCA of the embedding (``bases.output``)."""
@@ -290,7 +290,7 @@ class SpectralAdapter(Adapter):
                 "spectral needs bases.output (the PCA of the embedding): fit with fit_output=True"
             )
         kwargs.setdefault("n_samples", bases.n_samples)
-        kind = kwargs.pop("basis", "output_pca")
+        kind = kwargs.pop("basis", None) or "output_pca"
         if kind == "standard":
             return cls(standard_basis(bases.output), head_maps, **kwargs)
         if kind != "output_pca":

@@ -2,8 +2,8 @@
 LR finder that ``lr: auto`` runs before fitting.
 
 The pictures themselves are drawn by `residual_lightning.plots`. Schedule-free train/eval
-switching lives in the LightningModule's own hooks, not here: Lightning's LR finder replaces the
-trainer's callbacks while it runs.
+switching lives in the LightningModule's own hooks, not here. The LR finder's rule is in
+`residual_lightning.lr_finder`; `find_lr` runs it.
 """
 
 from __future__ import annotations
@@ -11,18 +11,23 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import random
-import statistics
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
-import numpy as np
-import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateFinder
-from lightning.pytorch.utilities.seed import isolate_rng
+from lightning.pytorch.callbacks import BasePredictionWriter
 
+from residual_lightning.lr_finder import (  # noqa: F401  (LR_* and LRFinderResult: the public names)
+    LR_MAX,
+    LR_MIN,
+    LR_PER_DECADE,
+    LR_RULE,
+    LR_STEPS,
+    LRFinderResult,
+    RateSearch,
+    candidate_rates,
+    suggest,
+)
 from residual_lightning.plots import (
     class_accuracy_figure,
     confusion_figure,
@@ -182,161 +187,51 @@ class PredictionCSV(BasePredictionWriter):
         self._rows = []
 
 
-#: The LR finder's range test: `LR_STEPS` exponentially spaced rates from `LR_MIN` to `LR_MAX`, wide
-#: enough for every method (linear's 1e-3 to residual's 0.8, a decade to spare on either side).
-LR_MIN, LR_MAX, LR_STEPS = 1e-6, 100.0, 120
-#: Points (of `LR_STEPS`) in the centred median-then-mean smoothing of the loss curve.
-LR_WINDOW = 15
-#: A smoothed loss above this multiple of the running minimum ends the curve (divergence).
-LR_DIVERGED = 4.0
-#: The rule, as recorded in ``lr_finder.json``.
-LR_RULE = "steepest descent of the smoothed loss (in log lr) before its minimum"
-
-
-@dataclass
-class LRFinderResult:
-    """One range test: the rates tried, the raw and smoothed losses, and the suggestion."""
-
-    lr: float
-    lrs: list[float]
-    losses: list[float]
-    smoothed: list[float]
-    index: int  # the point of the suggestion
-    rule: str
-    seed: int
-
-    def as_dict(self) -> dict:
-        """Plain values for ``lr_finder.json``."""
-        return asdict(self)
-
-
-def smooth_losses(losses: list[float], window: int = LR_WINDOW) -> list[float]:
-    """A centred moving median then mean (``window`` points, shrinking at the ends) over the finite
-    prefix of ``losses``: robust to single noisy batches, no lag and no start-up bias (an EMA has
-    both). Points from the first non-finite loss on are dropped."""
-    finite = []
-    for loss in losses:
-        if not math.isfinite(loss):
-            break
-        finite.append(float(loss))
-    half = window // 2
-    medians = [statistics.median(finite[max(0, i - half) : i + half + 1]) for i in range(len(finite))]
-    return [statistics.fmean(medians[max(0, i - half) : i + half + 1]) for i in range(len(medians))]
-
-
-def suggest_lr(lrs: list[float], losses: list[float]) -> tuple[float, int, list[float]]:
-    """The rule of `find_lr`: the rate where the smoothed loss falls fastest per decade of learning
-    rate, looked for only up to the smoothed minimum (itself found before the curve diverges: a
-    smoothed loss above `LR_DIVERGED` times the running minimum ends it). No clamping.
-
-    Returns the suggestion, its index, and the smoothed curve. Raises ValueError when fewer than
-    three finite losses were recorded.
-    """
-    smoothed = smooth_losses(losses)
-    if len(smoothed) < 3:
-        raise ValueError(f"LR finder: only {len(smoothed)} finite losses recorded, too few to suggest a rate")
-    best = 0
-    for i, value in enumerate(smoothed):
-        if value > LR_DIVERGED * smoothed[best] and value > smoothed[best] + 1e-8:
-            break
-        if value < smoothed[best]:
-            best = i
-    end = max(best, 2) + 1
-    logs = [math.log10(x) for x in lrs[:end]]
-    slopes = []
-    for i in range(end):
-        lo, hi = max(0, i - 1), min(end - 1, i + 1)
-        slopes.append((smoothed[hi] - smoothed[lo]) / (logs[hi] - logs[lo]))
-    index = min(range(end), key=lambda i: (slopes[i], i))
-    return lrs[index], index, smoothed
-
-
-class _SeededLRFinder(LearningRateFinder):
-    """Lightning's finder with its data order and dropout seeded (the global RNG state is restored
-    afterwards, so the fit that follows draws as it would without the finder)."""
-
-    def __init__(self, seed: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.seed = seed
-
-    def lr_find(self, trainer: L.Trainer, pl_module) -> None:
-        """Seed torch, numpy and random, then run the range test."""
-        with isolate_rng():
-            random.seed(self.seed)
-            np.random.seed(self.seed)
-            torch.manual_seed(self.seed)
-            max_epochs = trainer.fit_loop.max_epochs
-            trainer.fit_loop.max_epochs = -1  # the steps, not trainer.max_epochs, end the range test
-            try:
-                super().lr_find(trainer, pl_module)
-            finally:
-                trainer.fit_loop.max_epochs = max_epochs
-
-
-def raw_losses(smoothed: list[float], beta: float = 0.98, first_step: int = 1) -> list[float]:
-    """The per-step losses behind Lightning's bias-corrected EMA (`_LRCallback`: the i-th value is
-    ``avg_i / (1 - beta ** (first_step + i + 1))``, ``avg_i = beta * avg_{i-1} + (1 - beta) * loss_i``)."""
-    out, previous = [], 0.0
-    for i, value in enumerate(smoothed):
-        avg = value * (1 - beta ** (first_step + i + 1))
-        out.append((avg - beta * previous) / (1 - beta))
-        previous = avg
-    return out
-
-
 def find_lr(
     trainer: L.Trainer,
     model,
     datamodule,
-    num_training: int = LR_STEPS,
     min_lr: float = LR_MIN,
     max_lr: float = LR_MAX,
+    per_decade: int = LR_PER_DECADE,
+    steps: int = LR_STEPS,
     seed: int = 0,
 ) -> LRFinderResult:
-    """Range test before fitting (``lr: auto``): ``num_training`` steps at exponentially growing rates
-    from ``min_lr`` to ``max_lr``, the data order seeded with ``seed``, the model and optimizer restored
-    afterwards (Lightning's finder reloads its own checkpoint) and the global RNG state too.
+    """The LR finder of ``lr: auto`` (`residual_lightning.lr_finder`): each rate of a log grid from
+    ``min_lr`` to ``max_lr`` trains ``steps`` seeded steps from the same initial state, and the rate
+    with the lowest (3-point smoothed) validation loss is suggested. Never clamped.
 
-    The suggestion (`suggest_lr`) is the steepest descent of the smoothed loss before its minimum. Sets ``model.lr`` and ``model.hparams["lr_found"]``, prints one line, logs the
-    curve and the value to the trainer's loggers, and returns the `LRFinderResult`.
+    Sets ``model.lr`` and ``model.hparams["lr_found"]``, prints one line, logs the curve (the
+    suggestion marked) and the value to the trainer's loggers, and returns the `LRFinderResult`.
+    On several devices rank 0's suggestion is broadcast.
     """
-    model.lr = min_lr  # a number while the finder runs
-    finder = _SeededLRFinder(
-        seed,
-        min_lr=min_lr,
-        max_lr=max_lr,
-        num_training_steps=num_training,
-        early_stop_threshold=None,  # divergence is judged on the raw losses, by `suggest_lr`
-        update_attr=False,
-    )
-    finder._early_exit = True  # as `Tuner.lr_find`: stop the fit after the range test
-    trainer.callbacks = [finder, *trainer.callbacks]
+    lrs = candidate_rates(min_lr, max_lr, per_decade)
+    model.lr = lrs[0]  # a number while the search runs
+    search = RateSearch(lrs, steps=steps, seed=seed)
+    trainer.callbacks = [search, *trainer.callbacks]
     try:
         trainer.fit(model, datamodule=datamodule)
     finally:
-        trainer.callbacks = [cb for cb in trainer.callbacks if cb is not finder]
-    result = finder.optimal_lr
-    if result is None or not result.results.get("lr"):
+        trainer.callbacks = [cb for cb in trainer.callbacks if cb is not search]
+    if len(search.losses) != len(lrs):
         raise RuntimeError("LR finder did not run (fast_dev_run?): set model.lr to a number")
-    lrs = [float(x) for x in result.results["lr"]]
-    losses = raw_losses([float(x) for x in result.results["loss"]])
-    lr, index, smoothed = suggest_lr(lrs, losses)
+    lr, index, smoothed = suggest(lrs, search.losses)
+    lr = float(trainer.strategy.broadcast(lr, 0))
+    index = min(range(len(lrs)), key=lambda i: abs(math.log(lrs[i] / lr)))
     found = LRFinderResult(
-        lr=lr,
-        lrs=lrs,
-        losses=losses,
-        smoothed=smoothed,
-        index=index,
-        rule=LR_RULE,
-        seed=seed,
+        lr=lr, lrs=lrs, losses=search.losses, smoothed=smoothed, index=index, rule=LR_RULE, seed=seed
     )
     model.lr = lr
     model.hparams["lr_found"] = lr
     if trainer.is_global_zero:
-        print(f"LR finder: lr = {lr:.4g} ({LR_RULE}; {len(lrs)} steps from {min_lr:g} to {max_lr:g})")
+        print(f"LR finder: lr = {lr:.4g} ({LR_RULE}; {len(lrs)} rates from {min_lr:g} to {max_lr:g})")
+        if index in (0, len(lrs) - 1):  # reported, not moved: the rule's answer stands
+            end = "smallest" if index == 0 else "largest"
+            print(f"LR finder: {lr:.4g} is the {end} rate tried; the best rate may lie beyond it")
     loggers = _loggers(trainer)
     if loggers and trainer.is_global_zero:
-        figure = lr_finder_figure(lrs[: len(smoothed)], smoothed, index)
+        shown = [v if math.isfinite(v) else float("nan") for v in smoothed]
+        figure = lr_finder_figure(lrs, shown, index, ylabel=f"validation loss after {steps} steps (smoothed)")
         log_figure(loggers, "lr_finder/curve", figure, step=0)
     for logger in loggers:
         logger.log_metrics({"lr_finder/suggestion": lr}, step=0)

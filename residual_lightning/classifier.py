@@ -88,19 +88,27 @@ def _classifier(
     return F.normalize(emb.mean(1), dim=-1)  # (C, D)
 
 
-def prototypes(embeddings: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """(C, D) normalised class means of normalised embeddings (for backbones without text).
+def prototypes(embeddings: Tensor, labels: Tensor, num_classes: int, normalize: bool = True) -> Tensor:
+    """(C, D) class means of the embeddings (for backbones without text).
+
+    Args:
+        embeddings: (N, D) train embeddings.
+        labels: (N,) their classes.
+        num_classes: C.
+        normalize: normalised means of normalised embeddings (this framework's default), or
+            False: the raw class means, as the authors' paper-era code (configs/recipes/paper.yaml).
 
     Raises:
         ValueError: if a class has no sample (its prototype would be undefined).
     """
-    emb = F.normalize(embeddings.float(), dim=-1)
+    emb = F.normalize(embeddings.float(), dim=-1) if normalize else embeddings.float()
     sums = torch.zeros(num_classes, emb.shape[1], dtype=emb.dtype).index_add_(0, labels.long(), emb)
     counts = torch.bincount(labels.long(), minlength=num_classes)
     if (counts == 0).any():
         missing = torch.nonzero(counts == 0).flatten().tolist()
         raise ValueError(f"classes {missing[:10]} have no training sample; cannot build prototypes")
-    return F.normalize(sums / counts[:, None], dim=-1)
+    means = sums / counts[:, None]  # (C, D)
+    return F.normalize(means, dim=-1) if normalize else means
 
 
 def classifier_key(

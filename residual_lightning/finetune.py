@@ -55,6 +55,11 @@ class FinetuneModel(ClassifierModule):
             does not decompose, it is recorded with the other linked values).
         unit_form: `UnitLayout.form` of the backbone's units (linked from the data module; recorded
             like `convention`).
+        prototypes: accepted and recorded, not used (the tower classifies with the text
+            classifier): `ResidualModel`'s switch, here so that configs/recipes/paper.yaml composes
+            with every method.
+        threshold_fallback: accepted and recorded, not used (no adapter); see `prototypes`.
+        spectral_basis: accepted and recorded, not used (no adapter); see `prototypes`.
     """
 
     data_mode: ClassVar[Literal["cache", "images"]] = "images"
@@ -72,6 +77,9 @@ class FinetuneModel(ClassifierModule):
         shape: tuple[int, int, int, int] | None = None,
         convention: Literal["default", "equal_share"] = "default",
         unit_form: UnitForm | None = None,
+        prototypes: Literal["normalized", "raw"] = "normalized",
+        threshold_fallback: Literal["all", "one"] = "all",
+        spectral_basis: Literal["output_pca", "standard"] = "output_pca",
     ) -> None:
         super().__init__(lr, optimizer, logit_mode, backbone, class_names, shape, convention, unit_form)
         self.finetuned: nn.Module | None = None  # the trainable tower, built in setup or from a checkpoint

@@ -20,8 +20,8 @@ Writes into ``--out``:
   ``config.yaml`` and checkpoints of each run.
 
     residual-lightning grid                     # offline: tiny x digits, 5 methods, 2 seeds, 3 epochs
-    residual-lightning grid --preset paper --out results/paper \\
-        --extra "--data.reference imagenet --data.reference_root data/imagenet"
+    residual-lightning grid --preset paper --out results/paper   # + configs/recipes/paper.yaml
+    residual-lightning grid --preset paper --recipes   # the same grid with the framework's defaults
     residual-lightning grid --methods residual linear --seeds 0 -- --trainer.accelerator cpu
 
 The configs are read from ``--configs DIR``: by default ``./configs`` when it exists, else the
@@ -64,6 +64,7 @@ PRESETS: dict[str, dict] = {
         seeds=[0, 1],
         max_epochs=3,
         launcher="inprocess",
+        recipes=[],
     ),
     # The paper's four CLIP backbones, ten datasets and seven methods (method.md §3). `finetune`
     # trains the whole tower on images: by far the longest runs.
@@ -74,6 +75,9 @@ PRESETS: dict[str, dict] = {
         seeds=[0, 1, 2],
         max_epochs=30,
         launcher="subprocess",
+        # configs/recipes/paper.yaml after each method file: raw logits, equal shares, ImageNet PCA
+        # (under data/imagenet), the standard-basis spectral baseline, raw prototypes, K = 1 cut.
+        recipes=["paper"],
     ),
 }
 
@@ -133,7 +137,7 @@ def config_path(kind: str, name: str, configs: Path) -> Path:
     """``<configs>/<kind>/<name>.yaml``, or `name` itself when it is a YAML file path.
 
     Args:
-        kind: ``backbones``, ``datasets`` or ``methods``.
+        kind: ``backbones``, ``datasets``, ``methods`` or ``recipes``.
         name: a config name, or a YAML path.
         configs: the configs folder (see `find_configs`).
 
@@ -157,15 +161,23 @@ def method_name(method: str, configs: Path) -> str:
 
 
 def cli_args(
-    run: Run, out: Path, max_epochs: int | None, cache_dir: str | None, extra: list[str], configs: Path
+    run: Run,
+    out: Path,
+    max_epochs: int | None,
+    cache_dir: str | None,
+    extra: list[str],
+    configs: Path,
+    recipes: list[str] | tuple[str, ...] = (),
 ) -> list[str]:
-    """The `residual-lightning` arguments of one run (no subcommand)."""
+    """The `residual-lightning` arguments of one run (no subcommand); `recipes` (configs/recipes
+    names or YAML paths) are composed after the method file, before the grid's own arguments."""
     from residual_lightning.adapters import METHODS, method_options
 
     args = [
         "--config", str(config_path("backbones", run.backbone, configs)),
         "--config", str(config_path("datasets", run.dataset, configs)),
         "--config", str(config_path("methods", run.method, configs)),
+        *(a for r in recipes for a in ("--config", str(config_path("recipes", r, configs)))),
         "--seed_everything", str(run.seed),
         "--data.seed", str(run.seed),
     ]  # fmt: skip
@@ -336,6 +348,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--datasets", nargs="+", help="configs/datasets names or YAML paths")
     parser.add_argument("--methods", nargs="+", help="configs/methods names or YAML paths")
     parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument(
+        "--recipes",
+        nargs="*",
+        help="configs/recipes names or YAML paths composed after each method file (paper preset: paper; "
+        "none: --recipes with no name)",
+    )
     parser.add_argument("--max_epochs", type=int, help="trainer.max_epochs (offline preset 3, paper 30)")
     parser.add_argument(
         "--out", type=Path, default=Path("results/grid"), help="results.csv, results.md, runs/"
@@ -380,11 +398,14 @@ def grid(args: argparse.Namespace) -> list[dict]:
                 # Zero-shot does not depend on the seed: one run per (backbone, dataset).
                 seeds = args.seeds[:1] if names[m] == "zeroshot" else args.seeds
                 runs += [Run(b, d, m, s) for s in seeds]
-    argvs = {run: cli_args(run, out, args.max_epochs, args.cache_dir, args.extra, configs) for run in runs}
+    recipes = getattr(args, "recipes", None) or []
+    argvs = {
+        run: cli_args(run, out, args.max_epochs, args.cache_dir, args.extra, configs, recipes) for run in runs
+    }
     # Fail before hours of training on a typo in a config or in --extra: parse every combination.
     for run in {Run(r.backbone, r.dataset, r.method, 0): None for r in runs}:
         try:
-            check_args(cli_args(run, out, args.max_epochs, args.cache_dir, args.extra, configs))
+            check_args(cli_args(run, out, args.max_epochs, args.cache_dir, args.extra, configs, recipes))
         except SystemExit:
             print(f"grid: the CLI rejects the arguments of {run.label} (error above)", file=sys.stderr)
             raise

@@ -100,6 +100,16 @@ class ResidualModel(ClassifierModule):
         classifier: ``text`` (zero-shot text classifier), ``prototypes`` (class means of the train
             embeddings, as the authors do for backbones without a text tower) or ``auto`` (text
             when the backbone has a text tower, prototypes otherwise: timm, DINOv2, ViT).
+        prototypes: the class-mean classifier of backbones without a text tower: ``normalized``
+            (normalised means of normalised embeddings, logit scale 100: this framework) or ``raw``
+            (the raw class means, logit scale 1: the authors' paper-era code).
+        threshold_fallback: the adapters' ``threshold_fallback`` when they leave it unset: what an
+            explained-variance threshold keeps in a unit that never exceeds it, ``all`` its
+            components (this framework) or ``one`` (the authors' code, K = 1).
+        spectral_basis: the spectral adapter's ``basis`` when it leaves it unset: ``output_pca``
+            (the paper's text, this framework) or ``standard`` (the authors' code).
+            These three are model-level so that one recipe file (configs/recipes/paper.yaml) sets
+            them for every method: an option set on the adapter itself wins.
         backbone: the frozen backbone (linked from the data module by the CLI).
         class_names: class names (linked from the data module).
         shape: ``(L, H, k, D)`` of the cached units (linked from the data module).
@@ -119,6 +129,9 @@ class ResidualModel(ClassifierModule):
         optimizer: OptimizerCallable = default_optimizer,
         logit_mode: Literal["scaled_cosine", "raw"] = "scaled_cosine",
         classifier: Literal["auto", "text", "prototypes"] = "auto",
+        prototypes: Literal["normalized", "raw"] = "normalized",
+        threshold_fallback: Literal["all", "one"] = "all",
+        spectral_basis: Literal["output_pca", "standard"] = "output_pca",
         backbone: BackboneSpec | dict | None = None,
         class_names: list[str] | None = None,
         shape: tuple[int, int, int, int] | None = None,
@@ -136,13 +149,15 @@ class ResidualModel(ClassifierModule):
         if lr is None:  # resolved here: the base class only knows one default per class
             lr = METHOD_LRS.get(method, self.default_lr)
         super().__init__(lr, optimizer, logit_mode, backbone, class_names, shape, convention, unit_form)
-        options = options_for(method, adapter)
+        options = options_for(method, adapter).with_model_defaults(
+            threshold_fallback=threshold_fallback, basis=spectral_basis
+        )
         self._save_hparams()
         # Plain values too: the options' class_path and fields (`AdapterOptions.to_hparams`).
         self.hparams["adapter"] = options.to_hparams()
         self.method, self.options = method, options
         self.adapter_options = asdict(options)  # every option, as a dict
-        self.classifier_kind = classifier
+        self.classifier_kind, self.prototype_mode = classifier, prototypes
         self.layout = UnitLayout.from_shape(shape, convention, self.unit_form)
         # (L, H, D, k); the full form's identity is a view, kept out of the state_dict
         self.register_buffer("head_maps", layout_maps(self.layout), persistent=self.layout.compact)
@@ -181,7 +196,8 @@ class ResidualModel(ClassifierModule):
             weights, scale = dm.classifier()
             bias = dm.classifier_bias() if hasattr(dm, "classifier_bias") else None
         else:
-            weights, scale = self._prototypes(dm), 100.0
+            raw = self.prototype_mode == "raw"
+            weights, scale = self._prototypes(dm, normalize=not raw), 1.0 if raw else 100.0
         self.classifier.copy_(weights)
         self.logit_scale.fill_(scale)
         self.logit_bias.fill_(float("nan") if bias is None else bias)
@@ -190,14 +206,14 @@ class ResidualModel(ClassifierModule):
         self.ready.fill_(True)
         log.info("%s: %d learned parameters", self.method, self.num_learned())
 
-    def _prototypes(self, dm) -> Tensor:
+    def _prototypes(self, dm, normalize: bool = True) -> Tensor:
         from residual_lightning.classifier import prototypes
 
         embs, labels = [], []
         for batch in dm.caches["train"].iter_batches():
             embs.append(batch.embedding(cast_maps(self.head_maps, "cpu")))
             labels.append(batch.label)
-        return prototypes(torch.cat(embs), torch.cat(labels), len(self.class_names))
+        return prototypes(torch.cat(embs), torch.cat(labels), len(self.class_names), normalize)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another format, class, backbone, method or shape; build its adapter."""

@@ -373,6 +373,7 @@ def lr_finder_figure(
     suggested: int | None = None,
     log_x: bool = True,
     suggested_lr: float | None = None,
+    ylabel: str = "training loss (smoothed)",
 ) -> Figure:
     """Loss against learning rate of an LR-finder run, the suggestion marked in red.
 
@@ -383,6 +384,7 @@ def lr_finder_figure(
         log_x: logarithmic learning-rate axis (the finder's exponential mode).
         suggested_lr: the chosen rate when it is not one of ``lrs`` (the minimum divided by a
             factor): a dashed red line at it, and the point ``suggested`` marked as the minimum.
+        ylabel: what the losses are.
     """
     fig = new_figure(6.4, 4.8)
     ax = fig.subplots()
@@ -391,7 +393,7 @@ def lr_finder_figure(
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel("learning rate" + (" (log scale)" if log_x else ""))
-    ax.set_ylabel("training loss (smoothed)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if suggested is not None and suggested_lr is None:
         ax.plot(

@@ -13,7 +13,7 @@ K components.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,7 @@ from .transform import (
     init_lambdas,
     nan_where,
     per_kind,
+    released_square_back,
     resolve_units,
     transform_dense,
     transform_heads,
@@ -69,6 +70,13 @@ class ResidualOptions(AdapterOptions):
             the explained variances before this release: it warns once that it changed.
         add_mean: add each transformed unit's reference mean back (the authors do not).
         seed: seed of the ``normal`` init.
+        threshold_fallback: what a threshold in `components` keeps in a unit whose components never
+            exceed it: ``all`` its components (this framework), ``one`` its first (the authors' code,
+            K = 1). None: ``model.threshold_fallback`` (``all`` unless a recipe sets it).
+        released_full: reproduce the authors' released ``residual_full`` (their "ResiDual" row),
+            which maps back through ``Phi`` instead of ``Phi^T`` (``Phi diag(lambda) Phi (x - mu)``,
+            heads written into the first K outputs; docs/reproducing.md). A bug, for comparison
+            only: off by default and in configs/recipes/paper.yaml.
     """
 
     method: ClassVar[str] = "residual"
@@ -80,6 +88,8 @@ class ResidualOptions(AdapterOptions):
     init: Init = "normal"
     add_mean: bool = False
     seed: int = 0
+    threshold_fallback: Literal["all", "one"] | None = None
+    released_full: bool = False
 
     def build(self, bases: UnitBases | None, head_maps: Tensor) -> ResidualAdapter:
         """A `ResidualAdapter` on the units' PCA bases."""
@@ -131,6 +141,10 @@ class ResidualAdapter(Adapter):
             or ``"singular"`` (singular values), ``"explained_variance"`` (see `init_lambdas`).
         add_mean: add mu_u back to each transformed unit (the authors do not).
         seed: seed of the ``"normal"`` init.
+        threshold_fallback: ``"all"`` (None: the same) or ``"one"``: what a threshold keeps in a
+            unit that never exceeds it (`select_components`).
+        released_full: map back through Phi instead of Phi^T, as the authors' released
+            ``residual_full`` (`released_square_back`).
 
     Raises:
         ValueError: unknown options, or head_maps that do not match the bases.
@@ -146,6 +160,8 @@ class ResidualAdapter(Adapter):
         init: Init = "normal",
         add_mean: bool = False,
         seed: int = 0,
+        threshold_fallback: Literal["all", "one"] | None = None,
+        released_full: bool = False,
     ) -> None:
         super().__init__()
         if others not in ("keep", "zero", "mean"):
@@ -170,6 +186,7 @@ class ResidualAdapter(Adapter):
                 "the bases were fitted on a cache with other head maps"
             )
         self.transform, self.others, self.init, self.add_mean = transform, others, init, add_mean
+        self.released_full = released_full  # the back maps are derived in `forward`: not stored
         self.pooler_units = tuple(bases.pooler_units) if bases.pooler is not None else ()
         th, tm, te, tp = resolve_units(transform, layers, heads, self.pooler_units)
         th, tm, tp = th.to(maps.device), tm.to(maps.device), tp.to(maps.device)
@@ -192,7 +209,7 @@ class ResidualAdapter(Adapter):
             lam = init_lambdas(init, basis, bases.n_samples, gen)  # drawn for every kind: seed-stable
             if not chosen.any():
                 continue
-            select = basis.select(selection) & chosen[..., None]  # (*U, K)
+            select = basis.select(selection, threshold_fallback or "all") & chosen[..., None]  # (*U, K)
             self.register_buffer(f"{prefix}_select", select)
             self.register_buffer(f"{prefix}_components", basis.components)  # (*U, K, D)
             start = (lam.to(select.device) * select).to(dtype)  # (*U, K)
@@ -233,6 +250,10 @@ class ResidualAdapter(Adapter):
         lam = getattr(self, f"{prefix}_lambdas", None)
         return None if lam is None else lam * getattr(self, f"{prefix}_select")
 
+    def _back(self, prefix: str) -> Tensor | None:
+        """The map back of a kind: None (Phi^T), or the released ``residual_full``'s."""
+        return released_square_back(getattr(self, f"{prefix}_components")) if self.released_full else None
+
     def forward(self, batch: Contributions) -> Tensor:
         """The adapted embedding (N, D).
 
@@ -245,15 +266,19 @@ class ResidualAdapter(Adapter):
         out = self.const.expand(y.shape[0], -1)  # (N, D)
         lam = self._lambdas("head")
         if lam is not None:
-            out = out + transform_heads(y, self.head_coords, self.head_offset, lam, self.head_components)
+            out = out + transform_heads(
+                y, self.head_coords, self.head_offset, lam, self.head_components, self._back("head")
+            )
         lam = self._lambdas("mlp")
         if lam is not None:
-            out = out + transform_dense(mlps, self.mlp_components, self.mlp_mean, lam)
+            out = out + transform_dense(mlps, self.mlp_components, self.mlp_mean, lam, self._back("mlp"))
         lam = self._lambdas("emb")
         if lam is not None:
+            back = self._back("emb")
             out = out + transform_dense(
-                emb[:, None], self.emb_components[None], self.emb_mean[None], lam[None]
-            )
+                emb[:, None], self.emb_components[None], self.emb_mean[None], lam[None],
+                None if back is None else back[None],
+            )  # fmt: skip
         if hasattr(self, "head_maps"):
             out = out + sum_heads(self.head_maps, y * self.head_keep[..., None])
         out = out + torch.einsum("nld,l->nd", mlps, self.mlp_keep) + emb * self.emb_keep
@@ -265,7 +290,8 @@ class ResidualAdapter(Adapter):
             pooled = torch.stack([batch.extra[n] for n in self.pooler_units], dim=1).to(dtype)  # (N, P, D)
             lam = self._lambdas("pooler")
             if lam is not None:
-                out = out + transform_dense(pooled, self.pooler_components, self.pooler_mean, lam)
+                back = self._back("pooler")
+                out = out + transform_dense(pooled, self.pooler_components, self.pooler_mean, lam, back)
             out = out + torch.einsum("npd,p->nd", pooled, self.pooler_keep)
         return out
 

@@ -21,7 +21,7 @@ import difflib
 import typing
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar, Literal, TypedDict, Union
 
 import torch
@@ -191,9 +191,26 @@ class AdapterOptions(abc.ABC):
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
             hint, value = hints[f.name], getattr(self, f.name)
-            if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
-                valid = ", ".join(map(str, typing.get_args(hint)))
+            args = typing.get_args(hint)
+            if typing.get_origin(hint) is not Literal:  # `Literal[...] | None`: None or one of them
+                literal = [a for a in args if typing.get_origin(a) is Literal]
+                if not (literal and type(None) in args) or value is None:
+                    continue
+                args = typing.get_args(literal[0])
+            if value not in args:
+                valid = ", ".join(map(str, args))
                 raise ValueError(f"unknown {f.name}={value!r} for method {self.method!r}; valid: {valid}")
+
+    def with_model_defaults(self, **defaults: Any) -> AdapterOptions:
+        """These options with each field that is None and named in `defaults` set from it.
+
+        The model-level switches (``model.threshold_fallback``, ``model.spectral_basis``: what
+        configs/recipes/paper.yaml sets for every method at once) reach an adapter this way; an
+        option set on the adapter itself wins. Names the options class lacks are ignored.
+        """
+        names = {f.name for f in fields(self)}
+        unset = {k: v for k, v in defaults.items() if k in names and getattr(self, k) is None}
+        return replace(self, **unset) if unset else self
 
     @abc.abstractmethod
     def build(self, bases: UnitBases | None, head_maps: Tensor) -> Adapter:
@@ -385,7 +402,9 @@ def compact_projection(components: Tensor, head_maps: Tensor, coord_mean: Tensor
     return b, offset
 
 
-def transform_heads(y: Tensor, b: Tensor, offset: Tensor, lambdas: Tensor, components: Tensor) -> Tensor:
+def transform_heads(
+    y: Tensor, b: Tensor, offset: Tensor, lambdas: Tensor, components: Tensor, back: Tensor | None = None
+) -> Tensor:
     """Sum over heads of ``Phi^T diag(lambda) Phi (c - mu)``, computed from the compact y.
 
     Cost per sample and head K*k + D*K; heads or components with lambda = 0 drop out.
@@ -396,15 +415,20 @@ def transform_heads(y: Tensor, b: Tensor, offset: Tensor, lambdas: Tensor, compo
         offset: (L, H, K) from `compact_projection`.
         lambdas: (L, H, K) scales (0 for components not used).
         components: (L, H, K, D) head components Phi.
+        back: (L, H, K, D) the map back to the output in place of `components` (None: Phi^T, the
+            method; `released_square_back` reproduces the authors' released ``residual_full``).
 
     Returns:
         (N, D), the sum of the transformed head contributions (without their means).
     """
     coords = torch.einsum("lhjk,nlhk->nlhj", b, y) - offset  # (N, L, H, K)
-    return torch.einsum("nlhj,lhjd->nd", coords * lambdas, components)  # (N, D)
+    back = components if back is None else back
+    return torch.einsum("nlhj,lhjd->nd", coords * lambdas, back)  # (N, D)
 
 
-def transform_dense(x: Tensor, components: Tensor, mean: Tensor, lambdas: Tensor) -> Tensor:
+def transform_dense(
+    x: Tensor, components: Tensor, mean: Tensor, lambdas: Tensor, back: Tensor | None = None
+) -> Tensor:
     """Sum over units of ``Phi^T diag(lambda) Phi (x - mu)`` for units stored in D (MLPs, emb).
 
     Args:
@@ -412,10 +436,36 @@ def transform_dense(x: Tensor, components: Tensor, mean: Tensor, lambdas: Tensor
         components: (U, K, D).
         mean: (U, D).
         lambdas: (U, K) scales (0 for components not used).
+        back: (U, K, D) the map back in place of `components` (see `transform_heads`).
 
     Returns:
         (N, D), the sum of the transformed contributions (without their means).
     """
     offset = torch.einsum("ujd,ud->uj", components, mean)  # (U, K)
     coords = torch.einsum("ujd,nud->nuj", components, x) - offset  # (N, U, K)
-    return torch.einsum("nuj,ujd->nd", coords * lambdas, components)  # (N, D)
+    back = components if back is None else back
+    return torch.einsum("nuj,ujd->nd", coords * lambdas, back)  # (N, D)
+
+
+def released_square_back(components: Tensor) -> Tensor:
+    """The map back of the authors' released ``residual_full`` (a bug, kept for comparison).
+
+    Their adapter pads every unit's (K, D) basis with zero rows to one square (D, D) tensor and, when
+    the stack is square, takes ``bases.mT`` as the inverse of the basis: coordinates then go back
+    through ``Phi_pad`` instead of ``Phi_pad^T``, i.e. ``Phi diag(lambda) Phi (x - mu)``. Output
+    coordinate i < K receives ``sum_j Phi[i, j] coord_j``; coordinates K.. receive nothing (a head
+    with K = d components writes only into the first d outputs). As a (K, D) map like `components`:
+    ``back[j, i] = Phi[i, j]`` for i < K, 0 beyond.
+
+    Args:
+        components: (*U, K, D) components Phi, K <= D.
+
+    Raises:
+        ValueError: K > D (no square padding exists).
+    """
+    k, dim = components.shape[-2:]
+    if k > dim:
+        raise ValueError(f"released_full needs K <= D components per unit, got K={k} > D={dim}")
+    back = torch.zeros_like(components)  # (*U, K, D)
+    back[..., :k] = components[..., :k].transpose(-1, -2)  # (*U, K, K): back[j, i] = Phi[i, j]
+    return back

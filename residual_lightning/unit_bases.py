@@ -25,12 +25,15 @@ from torch import Tensor
 from .contributions import UnitLayout
 from .files import load_tensors, save_tensors
 
-__all__ = ["PCABasis", "Selection", "UnitBases", "select_components"]
+__all__ = ["PCABasis", "Selection", "UnitBases", "Unreached", "select_components"]
 
 #: How many components of a unit to use: ``"all"`` (every component above the numerical rank),
 #: an int K (the top K), or a float threshold t in (0, 1] (the smallest K whose cumulative
 #: explained-variance ratio exceeds t).
 Selection = Union[int, float, Literal["all"]]
+#: What an explained-variance threshold keeps in a unit that never exceeds it: ``all`` its valid
+#: components (this framework) or ``one`` (the authors' code).
+Unreached = Literal["all", "one"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,13 +74,14 @@ class PCABasis:
         """(*U,) number of unmasked components per unit."""
         return self.mask.sum(-1)
 
-    def select(self, components: Selection) -> Tensor:
+    def select(self, components: Selection, unreached: Unreached = "all") -> Tensor:
         """Boolean (*U, K) mask of the components to use; see `select_components`.
 
         Args:
             components: ``"all"``, an int K or a float threshold.
+            unreached: what a threshold keeps in a unit that never exceeds it (see `select_components`).
         """
-        return select_components(self.explained_variance_ratio, self.mask, components)
+        return select_components(self.explained_variance_ratio, self.mask, components, unreached)
 
     def to(self, *args: Any, **kwargs: Any) -> PCABasis:
         """Move/cast the float tensors (the mask keeps its dtype, follows the device)."""
@@ -306,7 +310,9 @@ class UnitBases:
 # --------------------------------------------------------------------------------------------
 
 
-def select_components(explained_variance_ratio: Tensor, mask: Tensor, components: Selection) -> Tensor:
+def select_components(
+    explained_variance_ratio: Tensor, mask: Tensor, components: Selection, unreached: Unreached = "all"
+) -> Tensor:
     """Which components of each unit to use, as a boolean mask of the same (*U, K) shape.
 
     Only unmasked components (above the numerical rank) are ever selected.
@@ -315,8 +321,11 @@ def select_components(explained_variance_ratio: Tensor, mask: Tensor, components
         explained_variance_ratio: (*U, K) ratios, decreasing along K.
         mask: (*U, K) bool, the valid components.
         components: ``"all"``; an int K >= 0 (the top K valid ones); or a float threshold t in
-            (0, 1]: the smallest K whose cumulative explained-variance ratio exceeds t (all valid
-            components when it never does, e.g. t = 1).
+            (0, 1]: the smallest K whose cumulative explained-variance ratio exceeds t.
+        unreached: what a threshold keeps in a unit whose valid components never exceed it (e.g.
+            t = 1, or a rank-deficient unit): ``"all"`` its valid components (this framework's
+            default) or ``"one"`` its first component only (the authors' code: the argmax of an
+            all-false mask is 0, so K = 1; configs/recipes/paper.yaml).
 
     Raises:
         ValueError: for an unknown string, a negative K or a threshold outside (0, 1].
@@ -341,4 +350,9 @@ def select_components(explained_variance_ratio: Tensor, mask: Tensor, components
         raise ValueError(f"explained-variance threshold must be in (0, 1], got {threshold}")
     cumulative = torch.cumsum(explained_variance_ratio.double() * mask, dim=-1)  # (*U, K)
     k_sel = (cumulative <= threshold).sum(-1, keepdim=True) + 1  # (*U, 1): first index exceeding, + 1
+    if unreached == "one":
+        never = ~(cumulative > threshold).any(-1, keepdim=True)  # (*U, 1)
+        k_sel = torch.where(never, torch.ones_like(k_sel), k_sel)
+    elif unreached != "all":
+        raise ValueError(f"unknown unreached={unreached!r}; valid: all, one")
     return mask & (pos < k_sel)

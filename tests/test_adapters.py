@@ -340,6 +340,8 @@ def test_options_defaults_are_the_method_presets():
         "init": "normal",
         "add_mean": False,
         "seed": 0,
+        "threshold_fallback": None,  # None: the model's switch (docs/reproducing.md)
+        "released_full": False,
     }
     assert set(OPTIONS) == set(METHODS) and all(OPTIONS[m].method == m for m in METHODS)
     assert PRESETS["residual_star"] == asdict(star) and PRESETS["zeroshot"] == {}

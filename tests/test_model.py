@@ -12,6 +12,9 @@ from residual_lightning.data.datamodule import ResidualDataModule
 from residual_lightning.finetune import FinetuneModel
 from residual_lightning.model import METHOD_LRS, ResidualCLIP, ResidualModel
 
+# The options a model resolves residual_star to: its unset threshold_fallback takes model.threshold_fallback.
+RESOLVED_STAR = ResidualStarOptions(seed=3, threshold_fallback="all")
+
 # The authors' learning rate of each method (method.md §3), written out here so that a wrong
 # `METHOD_LRS` entry fails `test_lr_none_resolves_to_the_methods_rate`.
 RECIPE_LRS = {
@@ -206,7 +209,7 @@ def test_checkpoint_of_the_previous_release_loads(dm, tmp_path):
     path = tmp_path / "new.ckpt"
     t.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["hyper_parameters"]["adapter"] == ResidualStarOptions(seed=3).to_hparams()
+    assert ckpt["hyper_parameters"]["adapter"] == RESOLVED_STAR.to_hparams()
     assert "adapter.head_lambdas_init" in ckpt["state_dict"]
     ckpt["hyper_parameters"]["adapter"] = {"seed": 3}  # what the previous release stored
     ckpt["hyper_parameters"].pop("_class_path", None)
@@ -214,10 +217,10 @@ def test_checkpoint_of_the_previous_release_loads(dm, tmp_path):
     torch.save(ckpt, tmp_path / "old.ckpt")
     with pytest.warns(FutureWarning, match="ResidualStarOptions"):
         old = ResidualCLIP.from_checkpoint(str(tmp_path / "old.ckpt")).model
-    assert old.options == ResidualStarOptions(seed=3)
+    assert old.options == RESOLVED_STAR
     torch.testing.assert_close(old.adapter.initial_unit_weights(), start, equal_nan=True)
     torch.testing.assert_close(old.adapter.unit_weights(), model.adapter.unit_weights(), equal_nan=True)
-    assert ResidualCLIP.from_checkpoint(str(path)).model.options == ResidualStarOptions(seed=3)
+    assert ResidualCLIP.from_checkpoint(str(path)).model.options == RESOLVED_STAR
 
 
 def test_unknown_method_is_refused(dm):

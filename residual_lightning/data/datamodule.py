@@ -78,7 +78,8 @@ class ResidualDataModule(L.LightningDataModule):
             in place under the same name and size); by default the key covers each file's path
             relative to the root, its size and its label.
         cache_dir: root folder of caches, bases and classifiers.
-        cache_dtype: storage dtype of the caches.
+        cache_dtype: storage dtype of the caches: ``float16`` holds the embedding to ~2e-4 relative,
+            ``float32`` to ~5e-7 at twice the size (docs/cache.md).
         chunk_size: samples per resumable cache chunk.
         on_mismatch: a cache, PCA-bases or classifier file failing its checks (truncated,
             altered, stale) raises (``error``) or is rebuilt with a warning (``rebuild``).
