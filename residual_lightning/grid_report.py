@@ -10,6 +10,8 @@ import csv
 import statistics
 from pathlib import Path
 
+from residual_lightning.files import atomic_path
+
 FIELDS = [
     "backbone",
     "dataset",
@@ -41,13 +43,11 @@ def read_rows(path: Path) -> list[dict]:
 
 def write_rows(path: Path, rows: list[dict]) -> None:
     """Rewrite results.csv atomically (a killed grid never leaves a torn file)."""
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:  # a unique temporary name
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in FIELDS})
-    tmp.replace(path)
 
 
 def _floats(rows: list[dict], field: str) -> list[float]:

@@ -400,7 +400,7 @@ class ResidualDataModule(L.LightningDataModule):
             return
         self._share_digests()
         rank, world = self._rank_world()
-        if world > 1 and rank0_says(self.missing() if rank == 0 else None, world):
+        if world > 1 and self._on_rank0(self.missing):
             self._build_sharded()
         self._open_caches(rank, world)
         if self._class_names is None:
@@ -411,6 +411,22 @@ class ResidualDataModule(L.LightningDataModule):
                     "ResidualDataModule shards its own batches: set trainer.use_distributed_sampler: false "
                     "(the residual-lightning CLI does this by default)"
                 )
+
+    def _on_rank0(self, fn):
+        """`fn()` computed on global rank 0 and broadcast; its `CacheError` is raised on every rank."""
+        rank, world = self._rank_world()
+        value, error = None, None
+        if rank == 0:
+            try:
+                value = fn()
+            except CacheError as err:
+                error = err
+        value, message = rank0_says((value, None if error is None else str(error)), world)
+        if error is not None:
+            raise error
+        if message is not None:
+            raise CacheError(f"{message} (found by rank 0)")
+        return value
 
     def _build_sharded(self) -> None:
         """Build the missing caches across the ranks (`ShardedBuild`, as ``extract`` does)."""
