@@ -3,6 +3,8 @@ rank 0 only and its verdict is every rank's; whether caches are missing is rank 
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from residual_lightning.data import datamodule as datamodule_module
@@ -62,3 +64,31 @@ def test_missing_caches_are_rank_zeros_decision(built, monkeypatch):
     monkeypatch.setattr(dm, "_build_sharded", lambda: pytest.fail("rank 0 said nothing is missing"))
     dm.setup("fit")
     assert len(dm.caches) == 3
+
+
+@pytest.mark.parametrize(
+    ("global_rank", "local_rank", "per_node", "downloads"),
+    [(0, 0, False, True), (1, 0, False, False), (1, 0, True, True), (1, 1, True, False)],
+)
+def test_data_is_prepared_by_one_process_then_a_barrier(
+    tmp_path, monkeypatch, global_rank, local_rank, per_node, downloads
+):
+    dm = folder_module(make_folder(tmp_path / "data", per_class=4), tmp_path / "cache")
+    dm.download, dm.prepare_data_per_node = True, per_node
+    events = []
+    real = datamodule_module.load_parts
+
+    def load_parts(*args):
+        events.append(("download" if args[7] else "read", args[2] is not None))
+        return real(*args)
+
+    monkeypatch.setattr(datamodule_module, "load_parts", load_parts)
+    barrier = types.SimpleNamespace(barrier=lambda name: events.append(("barrier", name)))
+    dm.trainer = types.SimpleNamespace(
+        global_rank=global_rank, local_rank=local_rank, world_size=4, strategy=barrier
+    )
+    jobs = dm.distributed_jobs(types.SimpleNamespace(transform=lambda image: image))
+    assert len(jobs) == 3
+    cut = events.index(("barrier", "prepare-data"))
+    assert ("download" in [e[0] for e in events[:cut]]) == downloads
+    assert all(kind == "read" for kind, _ in events[cut + 1 :])  # after the barrier nobody downloads

@@ -315,6 +315,7 @@ class ResidualDataModule(L.LightningDataModule):
             self._load_parts(transform=None)
         if self.trainer is not None:
             self.trainer.strategy.barrier("prepare-data")
+        self._load_parts(transform=None, download=False)  # the listing, read without downloading
         self._share_digests()
         return self.jobs(backbone, download=False)
 
@@ -354,7 +355,8 @@ class ResidualDataModule(L.LightningDataModule):
         A vision-only backbone (timm, DINOv2, ViT) has no text classifier: its models use
         class-mean prototypes of the train cache.
         """
-        if self.mode == "images":  # finetune reads images: only the text classifier is prepared
+        if self.mode == "images":  # finetune reads images: the data and the text classifier
+            self._load_parts(transform=None)  # downloads where allowed, on this process only
             self._prepare_classifier()
             return
         missing = self.missing()
@@ -395,11 +397,11 @@ class ResidualDataModule(L.LightningDataModule):
         Predict needs no cache."""
         if stage == "predict" or self.caches or self.images:
             return
-        if self.mode == "images":
-            self.images = self._load_parts(self.loaded_backbone().transform, download=False)
+        rank, world = self._rank_world()
+        if self.mode == "images":  # several ranks: the data was downloaded by `prepare_data`
+            self.images = self._load_parts(self.loaded_backbone().transform, None if world == 1 else False)
             return
         self._share_digests()
-        rank, world = self._rank_world()
         if world > 1 and self._on_rank0(self.missing):
             self._build_sharded()
         self._open_caches(rank, world)
