@@ -445,6 +445,7 @@ class ResidualDataModule(L.LightningDataModule):
             self.amp_dtype(),
         )
         build.run(self.extract_batch_size, self.num_workers)
+        self._backbone = None  # not needed for training: free its (device) memory
 
     def _open_caches(self, rank: int, world: int) -> None:
         """Open every part's cache: rank 0 verifies checksums, and its failure is every rank's."""
