@@ -355,16 +355,15 @@ class ResidualDataModule(L.LightningDataModule):
         A vision-only backbone (timm, DINOv2, ViT) has no text classifier: its models use
         class-mean prototypes of the train cache.
         """
-        if self.mode == "images":  # finetune reads images: the data and the text classifier
-            self._load_parts(transform=None)  # downloads where allowed, on this process only
+        # finetune reads images; several ranks build the caches together in `setup`: here only the
+        # data (downloaded where allowed, by this process alone) and the text classifier
+        if self.mode == "images" or self._rank_world()[1] > 1:
+            self._load_parts(transform=None)
             self._prepare_classifier()
             return
         missing = self.missing()
         if not missing:
             self._prepare_classifier()  # verified; built or rebuilt (loading the backbone) only if it must be
-            return
-        if self._rank_world()[1] > 1:  # the ranks build them together in `setup`
-            self._prepare_classifier()
             return
         backbone = self.loaded_backbone()
         for job in self.jobs(backbone):
