@@ -3,7 +3,8 @@
 Per class, every template is filled with the class name and encoded by the text tower; the
 embeddings are L2-normalised, averaged and normalised again (CLIP's recipe). Classifiers are
 cached on disk (safetensors, written atomically with a checksum), keyed by backbone weights, class
-names and templates, and verified whenever they are read back.
+names and templates, verified whenever they are read back, and built under a build lock
+(`residual_lightning.locks`) so that two jobs or nodes never build one at once.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from residual_lightning.files import OnMismatch, load_or_build, load_tensors, save_tensors
+from residual_lightning.files import CacheError, OnMismatch, load_or_build, load_tensors, save_tensors
+from residual_lightning.locks import BuildLock
 
 
 @torch.inference_mode()
@@ -176,7 +178,10 @@ def load_or_build_classifier(
         save_tensors(path, tensors, "classifier", key)
         return weights, logit_scale, logit_bias
 
-    weights, scale, bias = load_or_build(
-        classifier_path(cache_dir, backbone, class_names, templates), load, build, on_mismatch
-    )
+    path = classifier_path(cache_dir, backbone, class_names, templates)
+    try:  # the common case: the file is there and sound (no lock)
+        weights, scale, bias = load(path)
+    except CacheError:  # absent or failing a check: build it (or raise) under its build lock
+        with BuildLock(path):
+            weights, scale, bias = load_or_build(path, load, build, on_mismatch)
     return (weights, scale, bias) if with_bias else (weights, scale)

@@ -10,6 +10,8 @@ import csv
 import statistics
 from pathlib import Path
 
+from residual_lightning.files import atomic_path
+
 FIELDS = [
     "backbone",
     "dataset",
@@ -48,13 +50,11 @@ def write_rows(path: Path, rows: list[dict], fields: list[str] | None = None) ->
         fields: its columns (default: the grid's `FIELDS`; the ablations add their own).
     """
     fields = FIELDS if fields is None else fields
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:  # a unique temporary name
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in fields})
-    tmp.replace(path)
 
 
 def _floats(rows: list[dict], field: str) -> list[float]:

@@ -88,7 +88,8 @@ class ResidualTrainer(Trainer):
         backbone = datamodule.backbone.load()
         extractor = Extractor(
             backbone.model,
-            datamodule.jobs(backbone),
+            # listed in `Extractor.setup`, once the ranks exist: the data prepared by one process
+            lambda trainer: datamodule.distributed_jobs(backbone),
             batch_size=datamodule.extract_batch_size,
             chunk_size=datamodule.chunk_size,
             num_workers=datamodule.num_workers,

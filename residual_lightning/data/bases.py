@@ -3,7 +3,8 @@
 Rank 0 decides whether the file is there and whether it loaded, and broadcasts each decision, so
 every rank takes the same branch (the fit ends in collective all-reduces). With several ranks each
 fits its share of the batches and `fit_unit_bases` sums the moments across ranks, so the result
-equals a single-process fit; rank 0 writes the file.
+equals a single-process fit; rank 0 writes the file, holding its build lock throughout, so a
+concurrent job waits and then loads it.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import Any
 import torch
 
 from residual_lightning.data.cache import ActivationCache, CacheError
+from residual_lightning.locks import BuildLock
 from residual_lightning.spectral import UnitBases, fit_unit_bases
 
 
-def rank0_says(flag: bool, world: int) -> bool:
-    """Rank 0's value of `flag`, broadcast to every rank."""
+def rank0_says(flag: Any, world: int) -> Any:
+    """Rank 0's value of `flag` (any picklable value), broadcast to every rank."""
     decision = [flag]
     if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(decision, src=0)
@@ -56,6 +58,17 @@ def load_or_fit_bases(
     Raises:
         CacheError: the file fails its checks and `on_mismatch` is ``error``.
     """
+    lock = BuildLock(path) if rank == 0 else None  # rank 0 holds it: another job waits, then loads
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _load_or_fit(path, key, reference_cache, convention, reference, on_mismatch, rank, world)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _load_or_fit(path, key, reference_cache, convention, reference, on_mismatch, rank, world):
     bases: UnitBases | None = None
     loaded = False
     if rank0_says(path.exists(), world):  # every rank takes rank 0's branch (all_reduce below)

@@ -25,7 +25,8 @@ is bit-identical to an uninterrupted one. A partial cache that cannot be resumed
 or a file is short or unreadable) is restarted from scratch with a warning. The ``complete`` flag is
 written last, atomically (write to a temporary file, then `os.replace`). A cache whose key or
 checksums do not match, or any of whose files is unreadable, is never used silently: that is a
-`CacheError` naming the file. A file lock serialises two processes building the same cache.
+`CacheError` naming the file. A file lock (`residual_lightning.locks`) serialises the processes,
+jobs and nodes building the same cache: one builds, the others wait and then open it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from filelock import FileLock
 from torch import Tensor
 
 from residual_lightning.contributions import Contributions, UnitLayout, identity_maps, shared_maps
@@ -58,6 +58,7 @@ from residual_lightning.data.writer import (
     read_meta,
 )
 from residual_lightning.files import CacheError, check_format, file_sha256
+from residual_lightning.locks import BuildLock
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +238,9 @@ def write_cache(
     return ActivationCache.open(path, key, verify=False)
 
 
-def cache_lock(path: Path) -> FileLock:
-    """The lock that serialises builders of the cache at `path`."""
-    return FileLock(str(path) + ".lock")
+def cache_lock(path: Path) -> BuildLock:
+    """The lock that serialises builders of the cache at `path` (`residual_lightning.locks`)."""
+    return BuildLock(path)
 
 
 def open_or_none(

@@ -1,7 +1,9 @@
 """`ResidualDataModule`: dataset parts -> verified activation caches -> batches of `Contributions`.
 
-`prepare_data` (one process) builds whatever cache is missing and the text classifier; `setup`
-(every process) opens the caches and the PCA bases. Loaders read the memory-mapped caches in
+`prepare_data` (one process) builds whatever cache is missing and the text classifier; with
+several ranks it downloads the data and builds the text classifier, and `setup` (every process)
+builds the missing caches sharded across the ranks (`ShardedBuild`), then opens them (rank 0
+verifies the checksums) and the PCA bases. Loaders read the memory-mapped caches in
 batches; the order of training batches is a function of (seed, epoch) only, and validation/test
 shards never repeat a sample across ranks.
 
@@ -25,9 +27,9 @@ from jsonargparse.typing import PositiveInt
 from torch.utils.data import DataLoader, Dataset
 
 from residual_lightning.contributions import UnitLayout
-from residual_lightning.data.bases import load_or_fit_bases
+from residual_lightning.data.bases import load_or_fit_bases, rank0_says
 from residual_lightning.data.cache import ActivationCache, CacheError, CacheKey, open_or_none
-from residual_lightning.data.extract import ExtractionJob, build_cache, build_caches
+from residual_lightning.data.extract import ExtractionJob, ShardedBuild, build_cache, build_caches
 from residual_lightning.data.identity import part_digest
 from residual_lightning.data.loaders import CacheBatches, EpochBatchSampler, cache_loader, image_loader
 from residual_lightning.data.options import data_module_from_configs, positive_ints
@@ -94,6 +96,9 @@ class ResidualDataModule(L.LightningDataModule):
             file; default: the images of the test part.
         mode: ``cache`` (batches of cached contributions) or ``images`` (preprocessed images, for
             ``FinetuneModel``; the CLI sets it from the model class's ``data_mode``).
+        prepare_data_per_node: download and prepare the data on local rank 0 of every node (a
+            ``root`` on node-local disks) instead of once, on global rank 0 (a ``root`` on a shared
+            filesystem; the default). Caches are built across all ranks either way (docs/cluster.md).
     """
 
     def __init__(
@@ -125,8 +130,10 @@ class ResidualDataModule(L.LightningDataModule):
         seed: int = 0,
         predict_path: str | None = None,
         mode: Literal["cache", "images"] = "cache",
+        prepare_data_per_node: bool = False,
     ) -> None:
         super().__init__()
+        self.prepare_data_per_node = prepare_data_per_node  # Lightning's: who runs `prepare_data`
         # Plain ints (jsonargparse's PositiveInt values are a subclass); checked for direct calls too.
         chunk_size, extract_batch_size, batch_size, eval_batch_size = positive_ints(
             chunk_size=chunk_size,
@@ -253,9 +260,10 @@ class ResidualDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------- building
 
-    def _load_parts(self, transform) -> dict[str, Dataset]:
+    def _load_parts(self, transform, download: bool | None = None) -> dict[str, Dataset]:
         """The parts with `transform`; the transform-less listing (names, labels, the data
-        digests) is read once per process and reused."""
+        digests) is read once per process and reused. `download` (default ``self.download``) is
+        off on the ranks that did not prepare the data."""
         if transform is None and self._listing is not None:
             return self._listing
         parts = load_parts(
@@ -266,7 +274,7 @@ class ResidualDataModule(L.LightningDataModule):
             self.split_seed,
             self.fractions,
             self.shots,
-            self.download,
+            self.download if download is None else download,
             self.reference_root if self.reference == "imagenet" else None,
             self.reference_size,
         )
@@ -294,13 +302,33 @@ class ResidualDataModule(L.LightningDataModule):
         pre = self.preprocessing()
         return {p: self.cache_dir / self.key(p, pre).folder_name() for p in self.parts()}
 
-    def jobs(self, backbone) -> list[ExtractionJob]:
+    def jobs(self, backbone, download: bool | None = None) -> list[ExtractionJob]:
         """Extraction jobs of every part (for `build_cache` and the `extract` command)."""
-        datasets = self._load_parts(backbone.transform)
+        datasets = self._load_parts(backbone.transform, download)
         pre = self.preprocessing()
         return [ExtractionJob(datasets[p], self.key(p, pre), path) for p, path in self.cache_paths().items()]
 
+    def distributed_jobs(self, backbone) -> list[ExtractionJob]:
+        """The jobs on every rank of a run: the data downloaded and listed by one process (global
+        rank 0, or local rank 0 of each node with ``prepare_data_per_node``), a barrier, then
+        every rank lists it without downloading, keyed by rank 0's data digests."""
+        if self._prepares_here():
+            self._load_parts(transform=None)
+        if self.trainer is not None:
+            self.trainer.strategy.barrier("prepare-data")
+        self._load_parts(transform=None, download=False)  # the listing, read without downloading
+        self._share_digests()
+        return self.jobs(backbone, download=False)
+
+    def _prepares_here(self) -> bool:
+        if self.trainer is None:
+            return True
+        return (self.trainer.local_rank if self.prepare_data_per_node else self.trainer.global_rank) == 0
+
     def _device(self) -> torch.device:
+        rank, world = self._rank_world()
+        if world > 1 and self.extract_device == "auto":  # each rank extracts on its own device
+            return self.trainer.strategy.root_device
         if self.extract_device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.extract_device)
@@ -322,22 +350,22 @@ class ResidualDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Build missing caches and the text classifier (one process). Nothing to do when all exist.
 
+        With several ranks this process downloads the data and builds the text classifier; the
+        missing caches are built in `setup`, sharded across every rank.
+
         A vision-only backbone (timm, DINOv2, ViT) has no text classifier: its models use
         class-mean prototypes of the train cache.
         """
-        if self.mode == "images":  # finetune reads images: only the text classifier is prepared
+        # finetune reads images; several ranks build the caches together in `setup`: here only the
+        # data (downloaded where allowed, by this process alone) and the text classifier
+        if self.mode == "images" or self._rank_world()[1] > 1:
+            self._load_parts(transform=None)
             self._prepare_classifier()
             return
         missing = self.missing()
         if not missing:
             self._prepare_classifier()  # verified; built or rebuilt (loading the backbone) only if it must be
             return
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if missing and world > 1:
-            raise CacheError(
-                f"caches {missing} are missing; with several devices build them first: "
-                "residual-lightning extract --config <the same config> (it shards extraction across devices)"
-            )
         backbone = self.loaded_backbone()
         for job in self.jobs(backbone):
             build_cache(
@@ -364,20 +392,19 @@ class ResidualDataModule(L.LightningDataModule):
         return self._backbone
 
     def setup(self, stage: str | None = None) -> None:
-        """Open the (already built) caches of every part; verified on open. Predict needs no cache."""
+        """Open the caches of every part; with several ranks, build the missing ones first,
+        sharded across the ranks. Rank 0 verifies the checksums and tells the others the outcome.
+        Predict needs no cache."""
         if stage == "predict" or self.caches or self.images:
             return
-        if self.mode == "images":
-            self.images = self._load_parts(self.loaded_backbone().transform)
+        rank, world = self._rank_world()
+        if self.mode == "images":  # several ranks: the data was downloaded by `prepare_data`
+            self.images = self._load_parts(self.loaded_backbone().transform, None if world == 1 else False)
             return
         self._share_digests()
-        pre = self.preprocessing()
-        for part, path in self.cache_paths().items():
-            if not (path / "meta.json").exists():
-                raise CacheError(
-                    f"no {part} cache at {path}: run prepare_data or `residual-lightning extract` first"
-                )
-            self.caches[part] = ActivationCache.open(path, self.key(part, pre))
+        if world > 1 and self._on_rank0(self.missing):
+            self._build_sharded()
+        self._open_caches(rank, world)
         if self._class_names is None:
             self._class_names = self.caches["train"].meta.get("class_names") or None
         if self.trainer is not None and self.trainer.world_size > 1:
@@ -386,6 +413,58 @@ class ResidualDataModule(L.LightningDataModule):
                     "ResidualDataModule shards its own batches: set trainer.use_distributed_sampler: false "
                     "(the residual-lightning CLI does this by default)"
                 )
+
+    def _on_rank0(self, fn):
+        """`fn()` computed on global rank 0 and broadcast; its `CacheError` is raised on every rank."""
+        rank, world = self._rank_world()
+        value, error = None, None
+        if rank == 0:
+            try:
+                value = fn()
+            except CacheError as err:
+                error = err
+        value, message = rank0_says((value, None if error is None else str(error)), world)
+        if error is not None:
+            raise error
+        if message is not None:
+            raise CacheError(f"{message} (found by rank 0)")
+        return value
+
+    def _build_sharded(self) -> None:
+        """Build the missing caches across the ranks (`ShardedBuild`, as ``extract`` does)."""
+        backbone = self.loaded_backbone()
+        rank, world = self._rank_world()
+        build = ShardedBuild(
+            backbone.model,
+            self.distributed_jobs(backbone),
+            self.chunk_size,
+            self.on_mismatch,
+            rank,
+            world,
+            self.trainer.strategy.barrier,
+            self.amp_dtype(),
+        )
+        build.run(self.extract_batch_size, self.num_workers)
+        self._backbone = None  # not needed for training: free its (device) memory
+
+    def _open_caches(self, rank: int, world: int) -> None:
+        """Open every part's cache: rank 0 verifies checksums, and its failure is every rank's."""
+        pre = self.preprocessing()
+        error = None
+        try:
+            for part, path in self.cache_paths().items():
+                if not (path / "meta.json").exists():
+                    raise CacheError(
+                        f"no {part} cache at {path}: run prepare_data or `residual-lightning extract` first"
+                    )
+                self.caches[part] = ActivationCache.open(path, self.key(part, pre), verify=rank == 0)
+        except CacheError as err:
+            error = err
+        first = rank0_says(None if error is None else str(error), world)
+        if error is not None and (rank == 0 or first is None):
+            raise error
+        if first is not None:
+            raise CacheError(f"{first} (found by rank 0)")
 
     @property
     def head_maps(self) -> torch.Tensor:

@@ -4,13 +4,15 @@
 it for every part of a data module (what its `prepare_data` does). `Extractor` is a
 LightningModule whose `predict` pass builds several caches at once, sharded across the ranks of any
 Lightning strategy (DDP): each rank writes its own chunks, rank 0 marks the caches complete.
+`ShardedBuild` is that sharded build without Lightning's predict loop (a multi-device `fit` that
+finds caches missing runs it in `setup`). Every path that writes a cache holds its build lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from residual_lightning.data.cache import (
     cache_lock,
     open_or_none,
 )
+from residual_lightning.data.writer import page_groups
 from residual_lightning.units import decompose_compact, unit_layout
 
 log = logging.getLogger(__name__)
@@ -161,18 +164,132 @@ def build_caches(datamodule: L.LightningDataModule) -> dict[str, ActivationCache
     return datamodule.caches
 
 
-class Extractor(L.LightningModule):
-    """Builds several caches in one `Trainer.predict` pass, sharded across ranks.
+class ShardedBuild:
+    """Builds several caches across the ranks of one job; the core of `Extractor` and of a
+    multi-device `fit` that finds caches missing.
 
-    The pending chunks of every cache are dealt round-robin to the ranks (no padding, no repeats)
-    and read through one loader; every rank writes into the same preallocated files; after a
-    barrier rank 0 checks that every chunk was written and marks each cache complete. A rank left
-    without chunks (more ranks than chunks) processes one placeholder sample that it does not
-    write, because Lightning refuses empty loaders.
+    `start`: rank 0 takes each cache's build lock (`residual_lightning.locks`; held until
+    `finish`, so another job waits for this one and then finds the caches complete), opens or
+    restarts the partial caches and creates the files of missing ones; after a barrier every rank
+    opens the writers. `items` deals the pending chunks to the ranks in `page_groups` (no two ranks
+    write one page of a file), round-robin. `finish`: a barrier, then rank 0 marks every cache
+    complete and releases the locks.
+
+    Args:
+        model: the frozen backbone, on this rank's device.
+        jobs: the caches to build.
+        chunk_size: samples per chunk.
+        on_mismatch: a cache failing its checks raises (``error``) or is rebuilt (``rebuild``).
+        rank: this process's global rank.
+        world: the number of ranks.
+        barrier: a collective barrier taking a name (e.g. ``trainer.strategy.barrier``).
+        autocast_dtype: autocast dtype of the forward passes (None: leave the caller's in force).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        jobs: list[ExtractionJob],
+        chunk_size: int,
+        on_mismatch: OnMismatch,
+        rank: int,
+        world: int,
+        barrier: Callable[[str], None],
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model, self.jobs, self.chunk_size, self.on_mismatch = model, jobs, chunk_size, on_mismatch
+        self.rank, self.world, self.barrier, self.autocast_dtype = rank, world, barrier, autocast_dtype
+        self.steps: dict[int, _WriteStep] = {}
+        self.locks: list = []
+
+    def start(self) -> None:
+        """Lock and prepare the caches (rank 0), then open this rank's writers."""
+        if self.rank == 0:
+            try:
+                for job in sorted(self.jobs, key=lambda j: str(j.path)):  # one order: no deadlock
+                    job.path.parent.mkdir(parents=True, exist_ok=True)
+                    self.locks.append(cache_lock(job.path).acquire())
+                    verify = self.on_mismatch == "rebuild"
+                    if open_or_none(job.path, job.key, self.on_mismatch, verify=verify) is None:
+                        open_writer(job, self.model, self.chunk_size, rank=0)
+            except BaseException:
+                self.release()
+                raise
+        self.barrier("extract-setup")
+        for i, job in enumerate(self.jobs):
+            if open_or_none(job.path, job.key, verify=False) is None:
+                writer = open_writer(job, self.model, self.chunk_size, rank=self.rank)
+                self.steps[i] = _WriteStep(self.model, writer, job.key.convention, self.autocast_dtype)
+
+    def items(self) -> list[tuple[int, int]]:
+        """This rank's ``(job, sample index)`` items: whole page groups of pending chunks, dealt round-robin."""
+        groups = [
+            (i, group)
+            for i, step in self.steps.items()
+            for group in page_groups(step.writer.arrays, step.writer.chunk_size, step.writer.pending_chunks())
+        ]
+        return [
+            (i, s)
+            for i, group in groups[self.rank :: self.world]
+            for c in group
+            for s in range(*self.steps[i].writer.chunk_range(c))
+        ]
+
+    def write(
+        self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, job: torch.Tensor
+    ) -> None:
+        """Decompose a batch of items and write each sample to its cache (job -1: a placeholder)."""
+        for j in job.unique().tolist():
+            if j >= 0:
+                sel = job == j
+                self.steps[j](images[sel], labels[sel], index[sel])
+
+    def finish(self) -> None:
+        """Barrier; rank 0 marks every cache complete and releases the locks; barrier."""
+        self.barrier("extract-end")
+        if self.rank == 0:
+            try:
+                for step in self.steps.values():
+                    step.writer.finalize()
+            finally:
+                self.release()
+        self.barrier("extract-final")
+
+    def release(self) -> None:
+        """Release the build locks this rank holds (rank 0; also after a failure)."""
+        while self.locks:
+            self.locks.pop().release()
+
+    def run(self, batch_size: int, num_workers: int = 0) -> None:
+        """The whole build in this process's loop (a multi-device `fit`; `Extractor` uses `predict`)."""
+        self.start()
+        try:
+            loader = DataLoader(
+                _JobItems(self.jobs), batch_size=batch_size, sampler=self.items(), num_workers=num_workers
+            )
+            for images, labels, index, job in loader:
+                self.write(images, labels, index, job)
+        except BaseException:
+            self.release()
+            raise
+        self.finish()
+
+
+class Extractor(L.LightningModule):
+    """Builds several caches in one `Trainer.predict` pass, sharded across ranks (`ShardedBuild`).
+
+    The pending chunks of every cache are dealt to the ranks in page groups (no padding, no
+    repeats) and read through one loader; every rank writes into the same preallocated files; after
+    a barrier rank 0 checks that every chunk was written and marks each cache complete. Rank 0
+    holds each cache's build lock from `setup` to the end, so a concurrent job waits, then finds the
+    caches complete. A rank left without chunks (more ranks than chunks) processes one placeholder
+    sample that it does not write, because Lightning refuses empty loaders.
 
     Args:
         model: the frozen open_clip model.
-        jobs: the caches to build.
+        jobs: the caches to build, or a function of the trainer returning them (called in `setup`,
+            once the processes exist: `ResidualTrainer.extract` prepares the data there on one
+            process, then lists the jobs on every rank).
         batch_size: images per forward pass.
         chunk_size: samples per chunk.
         num_workers: DataLoader workers.
@@ -183,7 +300,7 @@ class Extractor(L.LightningModule):
     def __init__(
         self,
         model: torch.nn.Module,
-        jobs: list[ExtractionJob],
+        jobs: list[ExtractionJob] | Callable[[L.Trainer], list[ExtractionJob]],
         batch_size: int = 64,
         chunk_size: int = 1024,
         num_workers: int = 0,
@@ -196,53 +313,48 @@ class Extractor(L.LightningModule):
         self.chunk_size = chunk_size
         self.num_workers = num_workers
         self.on_mismatch = on_mismatch
-        self.steps: dict[int, _WriteStep] = {}
+        self.build: ShardedBuild | None = None
+
+    @property
+    def steps(self) -> dict[int, _WriteStep]:
+        """The writers of this rank, by job."""
+        return self.build.steps if self.build is not None else {}
 
     def setup(self, stage: str) -> None:
-        """Rank 0 checks the caches and creates the files of missing ones (under each cache's
-        lock, so it never meets another process creating or restarting them); then every rank
-        opens them."""
+        """Lock and prepare the caches on rank 0, then open them on every rank (`ShardedBuild.start`)."""
         self.backbone.eval().requires_grad_(False)
-        if self.global_rank == 0:
-            for job in self.jobs:
-                job.path.parent.mkdir(parents=True, exist_ok=True)
-                with cache_lock(job.path):
-                    verify = self.on_mismatch == "rebuild"
-                    if open_or_none(job.path, job.key, self.on_mismatch, verify=verify) is None:
-                        open_writer(job, self.backbone, self.chunk_size, rank=0)
-        self.trainer.strategy.barrier("extract-setup")
-        for i, job in enumerate(self.jobs):
-            if open_or_none(job.path, job.key, verify=False) is None:
-                writer = open_writer(job, self.backbone, self.chunk_size, rank=self.global_rank)
-                self.steps[i] = _WriteStep(self.backbone, writer, writer.key.convention, None)
+        if callable(self.jobs):
+            self.jobs = self.jobs(self.trainer)
+        self.build = ShardedBuild(
+            self.backbone,
+            self.jobs,
+            self.chunk_size,
+            self.on_mismatch,
+            self.global_rank,
+            self.trainer.world_size,
+            self.trainer.strategy.barrier,
+        )
+        self.build.start()
 
     def predict_dataloader(self) -> DataLoader:
         """One loader over this rank's share of every cache's pending chunks: items (job, index)."""
-        world, rank = self.trainer.world_size, self.global_rank
-        chunks = [(i, c) for i, step in self.steps.items() for c in step.writer.pending_chunks()]
-        mine = [(i, s) for i, c in chunks[rank::world] for s in range(*self.steps[i].writer.chunk_range(c))]
-        if not mine:
-            mine = [(-1, -1)]
+        mine = self.build.items() or [(-1, -1)]
         return DataLoader(
             _JobItems(self.jobs), batch_size=self.batch_size, sampler=mine, num_workers=self.num_workers
         )
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Decompose a batch and write each sample to its cache."""
-        images, labels, index, job = batch
-        for j in job.unique().tolist():
-            if j < 0:
-                continue  # the placeholder of a rank without chunks
-            sel = job == j
-            self.steps[j](images[sel], labels[sel], index[sel])
+        self.build.write(*batch)
 
     def on_predict_end(self) -> None:
-        """Barrier, then rank 0 marks every cache complete."""
-        self.trainer.strategy.barrier("extract-end")
-        if self.global_rank == 0:
-            for step in self.steps.values():
-                step.writer.finalize()
-        self.trainer.strategy.barrier("extract-final")
+        """Barrier, then rank 0 marks every cache complete and releases the locks."""
+        self.build.finish()
+
+    def teardown(self, stage: str) -> None:
+        """Release the locks left held by a failed run."""
+        if self.build is not None:
+            self.build.release()
 
 
 class IndexedDataset(Dataset):

@@ -33,12 +33,16 @@ from residual_lightning.files import (
     read_json,
     reserve,
 )
+from residual_lightning.locks import pause_point
 
 log = logging.getLogger(__name__)
 
 ARRAYS = ("heads", "mlps", "emb", "labels")
 POOLER = "pooler"  # (N, P, D) pooler units' contributions: only in caches of layouts with some
 IDENTITY_MAPS = "identity"  # meta["head_maps"] of full-form caches: no head_maps file
+# The `.npy` header is padded to one page, so that a chunk whose first sample starts on a page
+# boundary of the data starts on a page boundary of the file (see `page_groups`).
+PAGE = 4096
 
 
 def chunk_digest(arrays: dict[str, np.ndarray], start: int, stop: int) -> str:
@@ -119,15 +123,62 @@ def _read_records(file: Path) -> dict[str, str]:
 def _preallocate(file: Path, shape: tuple, dtype: np.dtype) -> None:
     """Create `file` as a `.npy` with its data blocks reserved: not sparse, so writing it through a
     memory map can never meet a full disk (a SIGBUS, not an exception). A kill leaves it short."""
-    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
     try:
         with open(file, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, header)
+            f.write(page_header(shape, dtype))
             f.flush()
             reserve(f, f.tell(), int(np.prod(shape)) * dtype.itemsize)
     except BaseException:
         file.unlink(missing_ok=True)
         raise
+
+
+def page_header(shape: tuple, dtype: np.dtype) -> bytes:
+    """A `.npy` (format 1.0) header padded with spaces to exactly `PAGE` bytes."""
+    fields = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+        "fortran_order": False,
+        "shape": tuple(shape),
+    }
+    text = repr(fields).encode("latin1")
+    prefix = np.lib.format.magic(1, 0)
+    room = PAGE - len(prefix) - 2  # 2: the little-endian uint16 header length
+    if len(text) + 1 > room:
+        raise ValueError(f"a .npy header for shape {shape} does not fit in {PAGE} bytes")
+    body = text + b" " * (room - len(text) - 1) + b"\n"
+    return prefix + room.to_bytes(2, "little") + body
+
+
+def chunk_byte_ranges(
+    arrays: dict[str, np.ndarray], chunk_size: int, chunk: int
+) -> dict[str, tuple[int, int]]:
+    """``{array: (first byte, end byte)}`` of a chunk in each array's file (header included)."""
+    ranges = {}
+    for name, arr in arrays.items():
+        row = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
+        offset = int(arr.offset) if isinstance(arr, np.memmap) else PAGE
+        start = chunk * chunk_size
+        stop = min(start + chunk_size, arr.shape[0])
+        ranges[name] = (offset + start * row, offset + stop * row)
+    return ranges
+
+
+def page_groups(arrays: dict[str, np.ndarray], chunk_size: int, chunks: list[int]) -> list[list[int]]:
+    """`chunks` grouped so that no two groups write the same page of any file.
+
+    Ranks get whole groups, so two ranks (or nodes) never write into one page: on NFS or Lustre a
+    page written back by one node cannot clobber bytes another node wrote. A chunk starts a new group
+    when its first byte in every file lies on a page boundary (or when it does not follow the
+    previous chunk).
+    """
+    groups: list[list[int]] = []
+    for chunk in sorted(chunks):
+        aligned = all(first % PAGE == 0 for first, _ in chunk_byte_ranges(arrays, chunk_size, chunk).values())
+        if groups and groups[-1][-1] == chunk - 1 and not aligned:
+            groups[-1].append(chunk)
+        else:
+            groups.append([chunk])
+    return groups
 
 
 class CacheWriter:
@@ -340,6 +391,7 @@ class CacheWriter:
 
     def finalize(self) -> Path:
         """Mark the cache complete once every chunk is recorded (rank 0 only)."""
+        pause_point("finalize")  # a test hook (`residual_lightning.locks`): a no-op otherwise
         if self.finished:
             return self.path
         self.done = self._read_progress()
