@@ -20,7 +20,7 @@ import importlib
 import re
 import textwrap
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -209,6 +209,13 @@ class ResidualCLI(LightningCLI):
             default=True,
             help="after fit: write report.md with plots beside the logs (and to TensorBoard); see docs/analysis.md",
         )
+        parser.add_argument(
+            "--report_recipe",
+            type=Literal["default", "paper"],
+            default="default",
+            help="definitions the report's analyses use: the project's (default) or the ResiDual authors' "
+            "(paper; recipes/paper.yaml sets it); see docs/reproducing.md 'Analyses'",
+        )
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -361,14 +368,14 @@ class ResidualCLI(LightningCLI):
                 and best
                 and self.model.method not in ("zeroshot", "finetune")
             ):
-                self._write_report(best)
+                self._write_report(best, self.config[self.subcommand].get("report_recipe", "default"))
 
-    def _write_report(self, ckpt: str) -> None:
+    def _write_report(self, ckpt: str, recipe: str = "default") -> None:
         """The analysis report of the best checkpoint, beside the logs and in every logger."""
         from residual_lightning.analysis.report import log_report, write_report
 
         out = Path(getattr(self.trainer.logger, "log_dir", None) or self.trainer.default_root_dir) / "report"
-        path = write_report(ckpt, out, datamodule=self.datamodule)
+        path = write_report(ckpt, out, datamodule=self.datamodule, recipe=recipe)
         log_report(self.trainer.loggers, out)  # TensorBoard, MLflow, W&B: each through its own API
         print(f"report: {path}")
 

@@ -76,6 +76,7 @@ def test_paper_recipe_sets_every_paper_value(parser, method):
     assert (data["reference"], data["reference_size"]) == ("imagenet", 80000)
     assert data["batch_size"] == batch
     assert config["trainer"].get("gradient_clip_val") == clip
+    assert config["report_recipe"] == "paper"  # the report after fit uses the authors' analyses
     if cls != "ResidualModel":
         return
     built = ResidualModel(
@@ -248,3 +249,22 @@ def test_grid_paper_preset_composes_the_recipe_after_each_method(tmp_path):
     assert configs[-1].endswith("recipes/paper.yaml")
     assert grid.parse_args(["--preset", "paper", "--recipes", "--configs", str(CONFIGS)]).recipes == []
     assert grid.parse_args(["--configs", str(CONFIGS)]).recipes == []  # offline: the defaults
+
+
+def test_report_after_fit_uses_the_report_recipe(tmp_path, monkeypatch):
+    """`report_recipe` reaches `write_report` (the report `fit` writes after testing)."""
+    from types import SimpleNamespace
+
+    from residual_lightning.analysis import report
+    from residual_lightning.recipe import ResidualCLI
+
+    seen = {}
+    monkeypatch.setattr(
+        report, "write_report", lambda ckpt, out, datamodule, recipe: seen.setdefault("r", recipe)
+    )
+    monkeypatch.setattr(report, "log_report", lambda loggers, out: None)
+    cli = SimpleNamespace(
+        trainer=SimpleNamespace(logger=None, loggers=[], default_root_dir=str(tmp_path)), datamodule=None
+    )
+    ResidualCLI._write_report(cli, "best.ckpt", "paper")
+    assert seen["r"] == "paper"
