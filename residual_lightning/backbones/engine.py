@@ -66,9 +66,9 @@ from residual_lightning.contributions import (
 
 __all__ = ["decompose", "decompose_compact", "images_per_pass"]
 
-# Pixels of the images in one forward pass on a CPU (16 images at 224 x 224): bounds the per-token
-# activations held at once (ViT-B/16: 3,152 tokens, a 39 MB MLP hidden layer in float32).
-CPU_PIXELS_PER_PASS = 16 * 224 * 224
+# Tokens in one pass through the blocks on a CPU (16 ViT-B/16 images of 197 tokens): bounds the
+# per-token activations held at once (a 39 MB MLP hidden layer in float32 at width 768).
+CPU_TOKENS_PER_PASS = 16 * 197
 
 
 def _affine(norm: nn.LayerNorm, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -116,8 +116,9 @@ def _block_maps(block: Block, width: int) -> tuple[Tensor, Tensor, Tensor | None
     return maps, b, direction
 
 
-def _run(canonical: CanonicalViT, images: Tensor) -> dict[str, Tensor]:
-    """One forward pass collecting each unit's value at the readout tokens (float32).
+def _run(canonical: CanonicalViT, x: Tensor) -> dict[str, Tensor]:
+    """One forward pass from the embedded tokens x (N, T, W), collecting each unit's value at the
+    readout tokens (float32).
 
     Returns ``emb`` (N, R, W), ``mlps`` (N, L, R, W), ``coords`` (N, L, R, H*d) head
     coordinates (context over the per-token sigmas of the attention's norms), ``scales``
@@ -128,7 +129,6 @@ def _run(canonical: CanonicalViT, images: Tensor) -> dict[str, Tensor]:
     forward. Every kept value is a copy, not a view, so no layer's (N, T, W) tensors stay alive.
     """
     readout = canonical.readout
-    x = canonical.embed(images)  # (N, T, W)
     emb = readout.tokens(x).float().clone()
     mlps, coords, scales = [], [], []
     last = len(canonical.blocks) - 1
@@ -200,19 +200,22 @@ def _run_pool(pool: MapPool, normed: Tensor) -> dict[str, Tensor]:
     return out
 
 
-def images_per_pass(images: Tensor) -> int:
-    """Images per forward pass of `decompose_compact` by default: all of them on an accelerator;
-    on a CPU as many as hold `CPU_PIXELS_PER_PASS` pixels (16 at 224 x 224), at least one."""
-    if images.device.type != "cpu":
-        return max(1, images.shape[0])
-    return max(1, CPU_PIXELS_PER_PASS // (images.shape[-1] * images.shape[-2]))
+def images_per_pass(tokens: Tensor) -> int:
+    """Images per pass through the blocks by default, for embedded tokens (N, T, W): all of them
+    on an accelerator; on a CPU as many as hold `CPU_TOKENS_PER_PASS` tokens, at least one."""
+    if tokens.device.type != "cpu":
+        return max(1, tokens.shape[0])
+    return max(1, CPU_TOKENS_PER_PASS // tokens.shape[1])
 
 
-def _run_in_passes(canonical: CanonicalViT, images: Tensor, per_pass: int) -> dict[str, Tensor]:
-    """`_run` over slices of at most `per_pass` images, concatenated (every value is per image)."""
-    if images.shape[0] <= per_pass:
-        return _run(canonical, images)
-    parts = [_run(canonical, images[i : i + per_pass]) for i in range(0, images.shape[0], per_pass)]
+def _run_in_passes(canonical: CanonicalViT, images: Tensor, per_pass: int | None) -> dict[str, Tensor]:
+    """`_run` over slices of at most `per_pass` images (None: `images_per_pass`), concatenated
+    (every value is per image); the patch embedding runs once on the whole batch."""
+    x = canonical.embed(images)  # (N, T, W)
+    per_pass = per_pass or images_per_pass(x)
+    if x.shape[0] <= per_pass:
+        return _run(canonical, x)
+    parts = [_run(canonical, x[i : i + per_pass]) for i in range(0, x.shape[0], per_pass)]
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
 
@@ -234,7 +237,7 @@ def decompose_compact(
         per_pass: images per forward pass (None: `images_per_pass`). Images never interact, so
             the result does not depend on it beyond float rounding; smaller passes bound the
             per-token activations held at once (on a CPU they cost no speed: the matmuls of
-            16 images of 197 tokens are as efficient as those of 32).
+            3,152 tokens are as efficient as those of twice as many).
 
     Raises:
         ValueError: an unknown convention, or a `per_pass` that is not a positive integer.
@@ -244,7 +247,7 @@ def decompose_compact(
     if per_pass is not None and (isinstance(per_pass, bool) or not isinstance(per_pass, int) or per_pass < 1):
         raise ValueError(f"per_pass must be a positive number of images, got {per_pass!r}")
     layout = _layout(canonical, convention)
-    acts = _run_in_passes(canonical, images, per_pass or images_per_pass(images))
+    acts = _run_in_passes(canonical, images, per_pass)
     with torch.autocast(device_type=images.device.type, enabled=False):
         if canonical.readout.pool == "map":
             return _linearise_map(canonical, layout, acts, convention)

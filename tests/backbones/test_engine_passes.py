@@ -8,7 +8,7 @@ import torch
 
 from residual_lightning.backbones import decompose_compact, read_open_clip
 from residual_lightning.backbones.dispatch import read_model
-from residual_lightning.backbones.engine import CPU_PIXELS_PER_PASS, images_per_pass
+from residual_lightning.backbones.engine import CPU_TOKENS_PER_PASS, images_per_pass
 from tests.backbones.engine_helpers import images
 from tests.backbones.test_map_pool import model_for as map_model
 from tests.backbones.test_open_clip_engine import model_for as clip_model
@@ -42,7 +42,8 @@ def test_passes_give_the_one_pass_contributions(name, convention):
 
 
 def test_default_pass_size_and_bad_values():
-    assert images_per_pass(torch.zeros(64, 3, 224, 224)) == CPU_PIXELS_PER_PASS // 224**2 == 16
-    assert images_per_pass(torch.zeros(3, 3, 4000, 4000)) == 1  # at least one image
+    assert images_per_pass(torch.zeros(64, 197, 8)) == CPU_TOKENS_PER_PASS // 197 == 16  # ViT-B/16
+    assert images_per_pass(torch.zeros(64, 50, 8)) == 63  # ViT-B/32: batch 32 in one pass
+    assert images_per_pass(torch.zeros(3, 10_000, 8)) == 1  # at least one image
     with pytest.raises(ValueError, match="per_pass must be a positive number of images, got 0"):
         decompose_compact(*canonical_and_images("tok", 2), per_pass=0)
