@@ -69,11 +69,11 @@ def fitted_lambdas(cache, on_device, tmp_path) -> tuple[dict, dict]:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        limit_val_batches=0,
         callbacks=[Start()],
     )
     trainer.fit(model, dm)
     assert isinstance(trainer.train_dataloader, DeviceBatches) == on_device
+    assert isinstance(trainer.val_dataloaders, DeviceBatches) == on_device  # validated on it too
     return before, {k: v.detach().clone() for k, v in model.adapter.state_dict().items()}
 
 

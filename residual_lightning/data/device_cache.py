@@ -138,6 +138,8 @@ class DeviceBatches:
         sampler: the batch order (the memory-mapped loader's sampler, with the same arguments).
     """
 
+    batch_sampler = None  # Lightning inspects a loader's ``sampler``/``batch_sampler`` as a DataLoader's
+
     def __init__(self, cache: DeviceCache, sampler: EpochBatchSampler) -> None:
         self.cache, self.sampler = cache, sampler
 
