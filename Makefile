@@ -33,12 +33,13 @@ test-fast: install  ## the suite without the slow tests
 demo: install  ## the offline quickstart: extract, fit, test (random weights, bundled digits data)
 	$(VENV)/bin/residual-lightning fit --config configs/quickstart.yaml
 
-bench: install  ## speed and memory benchmarks (ratios against a baseline in the same run; ~30 min on 2 cores)
+bench: install  ## speed and memory benchmarks, each target beside its measurement (ratios from one run; ~40 min on 2 cores)
 	$(PY) benchmarks/decompose.py
 	$(PY) benchmarks/cache.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/pca.py
 	$(PY) benchmarks/twonn.py
+	$(PY) benchmarks/gpu.py
 
 clean:  ## remove caches and logs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache lightning_logs runs

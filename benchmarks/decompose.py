@@ -30,17 +30,23 @@ import time
 from collections.abc import Callable
 
 # --- rows: one setup per library ----------------------------------------------------------------
-# A setup takes (model name, batch) and returns (encode, decompose): two zero-argument calls on the
-# same model and the same batch of random images, built once (random weights, eval mode). A row is
+# A setup takes (model name, batch) and returns (encode, decompose, compact): zero-argument calls on
+# the same model and the same batch of random images, built once (random weights, eval mode);
+# compact is `decompose_compact` (what extraction runs), decompose adds the (N, U, D) expansion. A row is
 # ``library:model`` (no prefix: open_clip); adding a library is one `register` line.
 
-Calls = tuple[Callable[[], object], Callable[[], object]]
+Calls = tuple[Callable[[], object], Callable[[], object], Callable[[], object]]
 SETUPS: dict[str, Callable[[str, int], Calls]] = {}
 DEFAULT_ROWS = ["ViT-B-32", "ViT-B-16", "timm:vit_base_patch16_224"]
+FUNCTIONS = ("encode_image", "decompose", "decompose_compact")
+# Targets (issue 16): decompose_compact at most 0.95x encode_image's time; ViT-B-16 at batch 32 at
+# most 0.37 GB (compact) and 0.45 GB (decompose) extra peak memory.
+TIME_TARGET = 0.95
+MEMORY_TARGETS_MB = {"decompose_compact": 370, "decompose": 450}
 
 
 def register(library: str, setup: Callable[[str, int], Calls]) -> None:
-    """Make rows ``library:model`` run through `setup` (model name, batch) -> (encode, decompose)."""
+    """Make rows ``library:model`` run through `setup` (model name, batch) -> (encode, decompose, compact)."""
     SETUPS[library] = setup
 
 
@@ -55,25 +61,34 @@ def _open_clip_setup(model_name: str, batch: int) -> Calls:
     import open_clip
 
     from residual_lightning.backbones.loading import register_model_configs
-    from residual_lightning.units import decompose
+    from residual_lightning.units import decompose, decompose_compact
 
     register_model_configs()  # the shipped tiny configs (RL-Tiny-ViT-64) for quick runs
     model = open_clip.create_model(model_name, pretrained=None).eval()
     x = _images(batch, model.visual.image_size[0])
-    return (lambda: model.encode_image(x)), (lambda: decompose(model, x))
+    return (
+        (lambda: model.encode_image(x)),
+        (lambda: decompose(model, x)),
+        (lambda: decompose_compact(model, x)),
+    )
 
 
 def _dispatch_calls(model, x) -> Calls:
-    """The library's own embedding (`dispatch.model_embedding`) vs `decompose_compact(read_model(model))`.
+    """The library's own embedding (`dispatch.model_embedding`) vs `decompose_compact(read_model(model))`
+    (and its (N, U, D) expansion).
 
     Every library goes through the same code: `read_model` picks the reader, `model_embedding` the
     library's own forward (timm ``forward_head(forward_features(x), pre_logits=True)``, Hugging Face
     `hf_image_features`). Reading the model is part of the decompose call, as in `units.decompose`.
     """
     from residual_lightning.backbones.dispatch import model_embedding, read_model
-    from residual_lightning.backbones.engine import decompose_compact
+    from residual_lightning.backbones.engine import decompose, decompose_compact
 
-    return (lambda: model_embedding(model, x)), (lambda: decompose_compact(read_model(model), x))
+    return (
+        (lambda: model_embedding(model, x)),
+        (lambda: decompose(read_model(model), x)),
+        (lambda: decompose_compact(read_model(model), x)),
+    )
 
 
 def _timm_setup(model_name: str, batch: int) -> Calls:
@@ -160,12 +175,12 @@ def _setup(row: str, batch: int, threads: int) -> Calls:
 
 
 def _child(row: str, fn: str, batch: int, threads: int, repeats: int) -> dict:
-    """Peak memory of one function in a fresh process (fn: encode_image or decompose)."""
+    """Peak memory of one function in a fresh process (fn: encode_image, decompose or decompose_compact)."""
     import torch
 
-    encode, decompose = _setup(row, batch, threads)
+    call = dict(zip(FUNCTIONS, _setup(row, batch, threads), strict=True))[fn]
     with _PeakRSS() as peak, torch.inference_mode():
-        encode() if fn == "encode_image" else decompose()
+        call()
     return {"extra_mb": peak.extra / 2**20}
 
 
@@ -199,13 +214,13 @@ class _PeakRSS:
 
 
 def _timing(row: str, batch: int, threads: int, repeats: int) -> dict:
-    """Median times of both functions, interleaved in one process so load changes hit both alike."""
+    """Median times of the three functions, interleaved in one process so load changes hit all alike,
+    and the median per-round ratio of each decomposition to ``encode_image``."""
     import torch
 
-    encode, decompose = _setup(row, batch, threads)
-    calls = {"encode_image": encode, "decompose": decompose}
+    calls = dict(zip(FUNCTIONS, _setup(row, batch, threads), strict=True))
     times: dict[str, list[float]] = {k: [] for k in calls}
-    ratios = []
+    ratios: dict[str, list[float]] = {k: [] for k in FUNCTIONS[1:]}
     with torch.inference_mode():
         for call in calls.values():
             call()  # warm-up
@@ -214,14 +229,19 @@ def _timing(row: str, batch: int, threads: int, repeats: int) -> dict:
                 t = time.perf_counter()
                 call()
                 times[name].append(time.perf_counter() - t)
-            ratios.append(times["decompose"][-1] / times["encode_image"][-1])
+            for name in ratios:
+                ratios[name].append(times[name][-1] / times["encode_image"][-1])
     out = {k: statistics.median(v) for k, v in times.items()}
-    out["ratio"] = statistics.median(ratios)
+    out.update({f"{k} ratio": statistics.median(v) for k, v in ratios.items()})
     return out
 
 
+def _verdict(value: float, target: float | None) -> str:
+    return "" if target is None else f" (<= {target:g}: {'met' if value <= target else 'MISSED'})"
+
+
 def main() -> None:
-    """Run every model in subprocesses and print a markdown table."""
+    """Run every model in subprocesses and print a markdown table with each target beside its value."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--models",
@@ -234,42 +254,38 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--child", nargs=2, metavar=("MODEL", "FN"), help=argparse.SUPPRESS)
+    p.add_argument("--memory-only", action="store_true", help="skip the timings (peak memory only)")
     args = p.parse_args()
     if args.child:
         print(json.dumps(_child(*args.child, args.batch, args.threads, args.repeats)))
         return
 
     def run(model: str, fn: str) -> dict:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            model,
-            fn,
-            "--batch",
-            str(args.batch),
-            "--threads",
-            str(args.threads),
-            "--repeats",
-            str(args.repeats),
-        ]
+        cmd = [sys.executable, __file__, "--child", model, fn, "--batch", str(args.batch)]
+        cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
     print(
-        f"batch {args.batch}, {args.threads} CPU threads, random weights, median of {args.repeats} interleaved pairs\n"
+        f"batch {args.batch}, {args.threads} CPU threads, random weights, median of {args.repeats} "
+        f"interleaved rounds; extra MB: peak RSS of one call in a fresh process; load average {os.getloadavg()}\n"
     )
     print(
-        "| model | encode_image s | decompose s | ratio | encode_image extra MB | decompose extra MB | extra over encode_image MB |"
+        "| model | encode_image s | decompose_compact s | decompose s | compact / encode_image "
+        "| decompose / encode_image | encode_image extra MB | compact extra MB | decompose extra MB |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
-        t = _timing(model, args.batch, args.threads, args.repeats)
-        enc, dec = run(model, "encode_image"), run(model, "decompose")
-        print(
-            f"| {model} | {t['encode_image']:.3f} | {t['decompose']:.3f} | {t['ratio']:.2f} "
-            f"| {enc['extra_mb']:.0f} | {dec['extra_mb']:.0f} | {dec['extra_mb'] - enc['extra_mb']:+.0f} |"
-        )
+        t = {} if args.memory_only else _timing(model, args.batch, args.threads, args.repeats)
+        mem = {fn: run(model, fn)["extra_mb"] for fn in FUNCTIONS}
+        budgets = MEMORY_TARGETS_MB if model == "ViT-B-16" and args.batch == 32 else {}
+        order = ("encode_image", "decompose_compact", "decompose")  # the columns' order
+        cells = [f"{t[fn]:.3f}" if t else "-" for fn in order]
+        for fn in order[1:]:
+            ratio = t.get(f"{fn} ratio")
+            cells.append("-" if ratio is None else f"{ratio:.2f}{_verdict(ratio, TIME_TARGET)}")
+        cells += [f"{mem[fn]:.0f}{_verdict(mem[fn], budgets.get(fn))}" for fn in order]
+        print(f"| {model} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ __all__ = ["PAPER_ID", "id_profile", "layer_profile", "linear_id", "pca_spectrum
 # Elements of one chunk of the distance matrix (chunk rows x N): 2**24 float32 = 64 MiB. Big
 # enough for efficient matmuls (838 rows at N = 20,000), small next to the data on any device.
 _CHUNK_ELEMENTS = 2**24
+# At most this many coordinates (after the low-rank projection), a CPU search uses a k-d tree
+# (scipy's cKDTree, exact): O(N log N) instead of the O(N^2) blocks, e.g. a rank-6 head.
+_KDTREE_MAX_RANK = 10
 # Rows of x upcast to float64 at a time when accumulating the covariance: 2**20 elements = 8 MiB.
 _COV_CHUNK_ELEMENTS = 2**20
 
@@ -169,6 +172,21 @@ def _merge_two_smallest(
     return top_v, index.gather(1, pos)
 
 
+def _two_nearest_kdtree(y: Tensor) -> Tensor:
+    """(N, 2) indices of the two nearest other rows of a CPU tensor y of few columns (exact, k-d tree).
+
+    Each row is queried for 3 neighbours and itself is dropped (with duplicate rows it need not
+    come first), keeping the first two others in distance order.
+    """
+    from scipy.spatial import cKDTree
+
+    points = y.double().numpy()
+    _, idx = cKDTree(points).query(points, k=3)  # (N, 3), nearest first
+    others = idx != np.arange(len(points))[:, None]  # (N, 3)
+    order = np.argsort(~others, axis=1, kind="stable")[:, :2]  # the first two that are not the row
+    return torch.from_numpy(np.take_along_axis(idx, order, axis=1)).long()
+
+
 def _two_nearest(y: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """Distances (N,), (N,) from every row of y to its first and second nearest other rows, and
     the (N, 2) indices of those rows.
@@ -178,8 +196,11 @@ def _two_nearest(y: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
     its own lower triangle masked so each pair is seen once, and each pair updates the running two
     nearest of both its row and its column. The two distances returned are recomputed from
     coordinate differences, free of the trick's cancellation (exact duplicates give exactly 0).
+    On a CPU with at most `_KDTREE_MAX_RANK` columns the neighbours come from a k-d tree instead.
     """
     n = y.shape[0]
+    if y.device.type == "cpu" and y.shape[1] <= _KDTREE_MAX_RANK and n >= 3:
+        return _distances(y, _two_nearest_kdtree(y), chunk_size)
     sq_norms = (y * y).sum(dim=1, keepdim=True)  # (N, 1)
     ones = torch.ones_like(sq_norms)
     # [a, ||a||^2, 1] . [-2b, 1, ||b||^2] = ||a - b||^2: one matmul writes the block, no extra
@@ -202,6 +223,13 @@ def _two_nearest(y: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
         best_v[start:], best_i[start:] = _merge_two_smallest(
             best_v[start:], best_i[start:], col_v.T, col_i.T + start
         )
+    return _distances(y, best_i, chunk_size)
+
+
+def _distances(y: Tensor, best_i: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """r1, r2 (N,) from each row of y to its two neighbours ``best_i`` (N, 2), recomputed from
+    coordinate differences and sorted per row, and ``best_i`` in that order (updated in place)."""
+    n = y.shape[0]
     r1 = torch.empty(n, dtype=y.dtype, device=y.device)
     r2 = torch.empty(n, dtype=y.dtype, device=y.device)
     for start in range(0, n, chunk_size):

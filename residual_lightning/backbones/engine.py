@@ -64,7 +64,11 @@ from residual_lightning.contributions import (
     UnitLayout,
 )
 
-__all__ = ["decompose", "decompose_compact"]
+__all__ = ["decompose", "decompose_compact", "images_per_pass"]
+
+# Tokens in one pass through the blocks on a CPU (16 ViT-B/16 images of 197 tokens): bounds the
+# per-token activations held at once (a 39 MB MLP hidden layer in float32 at width 768).
+CPU_TOKENS_PER_PASS = 16 * 197
 
 
 def _affine(norm: nn.LayerNorm, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -112,8 +116,9 @@ def _block_maps(block: Block, width: int) -> tuple[Tensor, Tensor, Tensor | None
     return maps, b, direction
 
 
-def _run(canonical: CanonicalViT, images: Tensor) -> dict[str, Tensor]:
-    """One forward pass collecting each unit's value at the readout tokens (float32).
+def _run(canonical: CanonicalViT, x: Tensor) -> dict[str, Tensor]:
+    """One forward pass from the embedded tokens x (N, T, W), collecting each unit's value at the
+    readout tokens (float32).
 
     Returns ``emb`` (N, R, W), ``mlps`` (N, L, R, W), ``coords`` (N, L, R, H*d) head
     coordinates (context over the per-token sigmas of the attention's norms), ``scales``
@@ -124,7 +129,6 @@ def _run(canonical: CanonicalViT, images: Tensor) -> dict[str, Tensor]:
     forward. Every kept value is a copy, not a view, so no layer's (N, T, W) tensors stay alive.
     """
     readout = canonical.readout
-    x = canonical.embed(images)  # (N, T, W)
     emb = readout.tokens(x).float().clone()
     mlps, coords, scales = [], [], []
     last = len(canonical.blocks) - 1
@@ -196,8 +200,30 @@ def _run_pool(pool: MapPool, normed: Tensor) -> dict[str, Tensor]:
     return out
 
 
+def images_per_pass(tokens: Tensor) -> int:
+    """Images per pass through the blocks by default, for embedded tokens (N, T, W): all of them
+    on an accelerator; on a CPU as many as hold `CPU_TOKENS_PER_PASS` tokens, at least one."""
+    if tokens.device.type != "cpu":
+        return max(1, tokens.shape[0])
+    return max(1, CPU_TOKENS_PER_PASS // tokens.shape[1])
+
+
+def _run_in_passes(canonical: CanonicalViT, images: Tensor, per_pass: int | None) -> dict[str, Tensor]:
+    """`_run` over slices of at most `per_pass` images (None: `images_per_pass`), concatenated
+    (every value is per image); the patch embedding runs once on the whole batch."""
+    x = canonical.embed(images)  # (N, T, W)
+    per_pass = per_pass or images_per_pass(x)
+    if x.shape[0] <= per_pass:
+        return _run(canonical, x)
+    parts = [_run(canonical, x[i : i + per_pass]) for i in range(0, x.shape[0], per_pass)]
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
 def decompose_compact(
-    canonical: CanonicalViT, images: Tensor, convention: Convention = "default"
+    canonical: CanonicalViT,
+    images: Tensor,
+    convention: Convention = "default",
+    per_pass: int | None = None,
 ) -> Contributions:
     """Exact compact contributions of ``canonical.forward(images)``.
 
@@ -208,14 +234,20 @@ def decompose_compact(
         canonical: the model's description (`read_open_clip`, ...), its modules in eval mode.
         images: (N, C, S, S) preprocessed images.
         convention: ``"default"`` or ``"equal_share"`` (see `residual_lightning.units`).
+        per_pass: images per forward pass (None: `images_per_pass`). Images never interact, so
+            the result does not depend on it beyond float rounding; smaller passes bound the
+            per-token activations held at once (on a CPU they cost no speed: the matmuls of
+            3,152 tokens are as efficient as those of twice as many).
 
     Raises:
-        ValueError: an unknown convention.
+        ValueError: an unknown convention, or a `per_pass` that is not a positive integer.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
+    if per_pass is not None and (isinstance(per_pass, bool) or not isinstance(per_pass, int) or per_pass < 1):
+        raise ValueError(f"per_pass must be a positive number of images, got {per_pass!r}")
     layout = _layout(canonical, convention)
-    acts = _run(canonical, images)
+    acts = _run_in_passes(canonical, images, per_pass)
     with torch.autocast(device_type=images.device.type, enabled=False):
         if canonical.readout.pool == "map":
             return _linearise_map(canonical, layout, acts, convention)

@@ -29,10 +29,17 @@ from torch.utils.data import DataLoader, Dataset
 from residual_lightning.contributions import UnitLayout
 from residual_lightning.data.bases import load_or_fit_bases, rank0_says
 from residual_lightning.data.cache import ActivationCache, CacheError, CacheKey, open_or_none
+from residual_lightning.data.device_cache import (
+    CacheOnDevice,
+    DeviceBatches,
+    DeviceCache,
+    device_loader,
+    use_device_cache,
+)
 from residual_lightning.data.extract import ExtractionJob, ShardedBuild, build_cache, build_caches
 from residual_lightning.data.identity import part_digest
 from residual_lightning.data.loaders import CacheBatches, EpochBatchSampler, cache_loader, image_loader
-from residual_lightning.data.options import data_module_from_configs, positive_ints
+from residual_lightning.data.options import check_device_cache, data_module_from_configs, positive_ints
 from residual_lightning.data.parts import autocast_dtype, load_parts, preprocessing_name, selection
 from residual_lightning.data.predict import predict_dataset, predict_files, predict_loader, sample_names
 from residual_lightning.data.prompts import PromptSet, select_prompts
@@ -91,6 +98,11 @@ class ResidualDataModule(L.LightningDataModule):
         eval_batch_size: batch size of validation/test loaders.
         num_workers: DataLoader workers.
         pin_memory: pin batches (for GPU training).
+        cache_on_device: hold each split's cache on the training device and draw batches there
+            (no DataLoader, no host copies; `residual_lightning.data.device_cache`): ``auto`` when
+            it fits in ``device_cache_fraction`` of the device's free memory (RAM on a CPU),
+            ``true`` always, ``false`` never (memory-mapped loader). Same batches either way.
+        device_cache_fraction: share of the device's free memory a split may take under ``auto``.
         seed: seed of the training batch order (a function of seed and epoch).
         predict_path: for ``predict``: a folder of images (searched recursively) or an image
             file; default: the images of the test part.
@@ -127,6 +139,8 @@ class ResidualDataModule(L.LightningDataModule):
         eval_batch_size: PositiveInt = 1024,
         num_workers: int = 0,
         pin_memory: bool = False,
+        cache_on_device: CacheOnDevice = "auto",
+        device_cache_fraction: float = 0.5,
         seed: int = 0,
         predict_path: str | None = None,
         mode: Literal["cache", "images"] = "cache",
@@ -167,6 +181,10 @@ class ResidualDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
         self.predict_path = predict_path
+        self.cache_on_device, self.device_cache_fraction = check_device_cache(
+            cache_on_device, device_cache_fraction
+        )
+        self.on_device: dict[str, DeviceCache | None] = {}  # each split on the device, or None: memory-mapped
         self.predict_on_bad_image: Literal["raise", "skip"] = "raise"  # `predict --skip_bad_images`
         self.predict_skipped: list[str] = []
         self.mode = mode
@@ -530,8 +548,19 @@ class ResidualDataModule(L.LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def _loader(self, part: str, train: bool) -> DataLoader:
+    def _device_split(self, part: str) -> DeviceCache | None:
+        """`part`'s cache on the training device (loaded once), or None to use the memory-mapped loader."""
+        if part not in self.on_device:
+            device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+            cache, mode, share = self.caches[part], self.cache_on_device, self.device_cache_fraction
+            on = use_device_cache(mode, cache, device, share, part)
+            self.on_device[part] = DeviceCache(cache, device) if on else None
+        return self.on_device[part]
+
+    def _loader(self, part: str, train: bool) -> DataLoader | DeviceBatches:
         rank, world = self._rank_world()
+        if self.mode == "cache" and (split := self._device_split(part)) is not None:
+            return device_loader(split, train, self.batch_size, self.eval_batch_size, self.seed, rank, world)
         if self.mode == "images":  # evaluated in batches of extract_batch_size, as in extraction
             make, data, eval_size = image_loader, self.images[part], self.extract_batch_size
         else:

@@ -95,6 +95,20 @@ def _identity(x):
     return x
 
 
+def cache_sampler(
+    n: int, train: bool, batch_size: int, eval_batch_size: int, seed: int, rank: int, world: int
+) -> EpochBatchSampler:
+    """The batch order of a cache of `n` samples (`cache_loader`'s, and the on-device batches').
+
+    Training: shuffled by (seed, epoch), `batch_size` split over the ranks; evaluation: in order,
+    `eval_batch_size` per rank.
+    """
+    if train:
+        per_device = max(1, batch_size // world)
+        return EpochBatchSampler(n, per_device, True, seed, rank, world, drop_last=False)
+    return EpochBatchSampler(n, eval_batch_size, False, 0, rank, world)
+
+
 def cache_loader(
     cache: ActivationCache,
     train: bool,
@@ -119,11 +133,7 @@ def cache_loader(
         num_workers: DataLoader workers.
         pin_memory: pin batches.
     """
-    if train:
-        per_device = max(1, batch_size // world)
-        sampler = EpochBatchSampler(len(cache), per_device, True, seed, rank, world, drop_last=False)
-    else:
-        sampler = EpochBatchSampler(len(cache), eval_batch_size, False, 0, rank, world)
+    sampler = cache_sampler(len(cache), train, batch_size, eval_batch_size, seed, rank, world)
     return DataLoader(
         CacheBatches(cache),
         sampler=sampler,

@@ -3,7 +3,8 @@
 `data_module_from_configs` is the body of `ResidualDataModule.from_config`: it turns each YAML's
 ``data:`` section (its ``init_args`` when written with a class_path) and the keyword overrides into
 command-line arguments, so jsonargparse checks them against the class's signature as ``fit`` does.
-`positive_ints` checks the sizes of a data module built directly in Python, where no parser does.
+`positive_ints` and `check_device_cache` check the options of a data module built directly in Python,
+where no parser does.
 """
 
 from __future__ import annotations
@@ -62,3 +63,15 @@ def positive_ints(**values: int) -> tuple[int, ...]:
             raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
         out.append(int(value))
     return tuple(out)
+
+
+def check_device_cache(mode: Any, fraction: Any) -> tuple[bool | str, float]:
+    """``data.cache_on_device`` and ``data.device_cache_fraction`` checked (``"true"``/``"false"``
+    strings read as booleans); a clear error naming the setting otherwise."""
+    if isinstance(mode, str) and mode.lower() in ("true", "false"):
+        mode = mode.lower() == "true"
+    if mode not in ("auto", True, False):
+        raise ValueError(f"data.cache_on_device must be auto, true or false, got {mode!r}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"data.device_cache_fraction must be a number in (0, 1], got {fraction!r}")
+    return mode, float(fraction)
