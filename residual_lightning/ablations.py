@@ -320,11 +320,7 @@ def run_selection(args: argparse.Namespace) -> list[dict]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The ablations' arguments; CLI arguments after ``--`` land in ``extra``."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    passthrough: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, passthrough = argv[:cut], argv[cut + 1 :]
+    argv, passthrough = grid.split_passthrough(argv)
     parser = argparse.ArgumentParser(
         prog="residual-lightning ablate",
         description=__doc__,

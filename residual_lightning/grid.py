@@ -323,13 +323,18 @@ def _worker(spec_file: str) -> None:
 # ------------------------------------------------------------------------------------------ main
 
 
+def split_passthrough(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(own arguments, CLI arguments after ``--``) of a command line (default: ``sys.argv[1:]``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The grid's arguments; CLI arguments after ``--`` land in ``extra``."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    passthrough: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, passthrough = argv[:cut], argv[cut + 1 :]
+    argv, passthrough = split_passthrough(argv)
     parser = argparse.ArgumentParser(
         prog="residual-lightning grid",
         description=__doc__,
