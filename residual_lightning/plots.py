@@ -395,27 +395,18 @@ def lr_finder_figure(
     ax.set_xlabel("learning rate" + (" (log scale)" if log_x else ""))
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if suggested is not None and suggested_lr is None:
+    if suggested is not None:  # the curve's pick: the chosen rate itself unless one is given
+        chosen = suggested_lr is None
         ax.plot(
             lrs[suggested],
             losses[suggested],
-            markersize=10,
+            markersize=10 if chosen else 8,
             marker="o",
-            color="red",
+            color="red" if chosen else "gray",
             ls="",
-            label=f"suggested lr {lrs[suggested]:.3g}",
+            label=f"{'suggested lr' if chosen else 'loss minimum'} {lrs[suggested]:.3g}",
         )
-    elif suggested_lr is not None:
-        if suggested is not None:
-            ax.plot(
-                lrs[suggested],
-                losses[suggested],
-                markersize=8,
-                marker="o",
-                color="gray",
-                ls="",
-                label=f"loss minimum {lrs[suggested]:.3g}",
-            )
+    if suggested_lr is not None:
         ax.axvline(suggested_lr, color="red", ls="--", label=f"chosen lr {suggested_lr:.3g}")
     if suggested is not None or suggested_lr is not None:
         ax.legend(fontsize=8)
